@@ -27,7 +27,7 @@ def musicgen_small_architecture():
     config = tiny_musicgen_config()
     config.text_encoder.update(dict(d_model=768, d_kv=64, d_ff=3072, num_layers=12, num_heads=12))
     config.decoder.update(dict(hidden_size=1024, ffn_dim=4096, num_hidden_layers=24, num_attention_heads=16))
-    config.audio_encoder.update(dict(hidden_size=128, num_filters=64, num_lstm_layers=2))
+    config.audio_encoder.update(dict(hidden_size=128, codebook_dim=128, num_filters=64, num_lstm_layers=2))
     _, processor = tiny_musicgen()
     model = MusicgenForConditionalGeneration(config).eval()
     model.generation_config = tiny_musicgen()[0].generation_config

@@ -1,0 +1,619 @@
+"""MusicPPOTrainer: MusicRL's KL-regularised policy gradient (and full PPO) on MusicGen's codec tokens.
+
+Shape letters: B rollouts in the local batch, K codebooks, T frames, A = S - 1 decoder steps (the RL horizon: one
+step draws the K codes of one column of the delayed layout), V codebook size, H hidden size.
+
+One update, top to bottom (``train``):
+  1. rollout: the policy samples music for a batch of prompts (``musicrl_trl.rollout.generate_rollout``), recording
+     the codes and their log-probs under the sampling distribution;
+  2. rewards: every reward function scores the decoded audio (and/or codes); scores combine with ``reward_weights``;
+  3. anchor: the reference model's log-distribution over the whole codebook at every step gives the exact KL,
+     which becomes a per-step penalty ``-kl_coef * KL``; the score is added at the last step;
+  4. advantages: values from the value network, GAE(gamma, lam) (MusicRL: gamma = lam = 1, returns minus baseline);
+  5. update: ``num_ppo_epochs`` passes of clipped policy-gradient + value regression over mini-batches.
+Metrics keep TRL's names (``objective/kl``, ``objective/scores``, ``policy/approxkl_avg``, ``val/ratio``, ...).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+import os
+import textwrap
+import time
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+import trl.experimental.ppo.ppo_trainer as trl_ppo
+from datasets import Dataset
+from safetensors.torch import load_file, save_file
+from transformers import MusicgenForConditionalGeneration, MusicgenProcessor, TrainerCallback
+from trl.experimental.ppo import PPOTrainer
+from trl.experimental.ppo.ppo_trainer import masked_mean, masked_whiten
+
+from .. import codebooks
+from ..rollout import MusicRollout, SamplingConfig, decoder_logits, generate_rollout, resolve_num_steps, unwrap_musicgen
+from .ppo_config import MusicPPOConfig
+
+__all__ = ["MusicPPOTrainer", "MusicValueModel", "MusicPolicyAndValue", "zero_dropout"]
+
+VALUE_WEIGHTS_NAME = "value_model.safetensors"
+RewardFunction = Callable[..., torch.Tensor | Sequence[float]]
+
+
+def zero_dropout(model: nn.Module) -> None:
+    """Zero every dropout probability in ``model``: ``nn.Dropout`` modules *and* the float ``dropout`` /
+    ``activation_dropout`` / ``attention_dropout`` / ``layerdrop`` attributes that MusicGen and T5 layers read in
+    their forward (TRL's ``disable_dropout_in_model`` only handles the modules, so train-mode logits would still
+    differ from the rollout's)."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+        for name in ("dropout", "activation_dropout", "attention_dropout", "layerdrop", "dropout_rate"):
+            if isinstance(getattr(module, name, None), float):
+                setattr(module, name, 0.0)
+        config = getattr(module, "config", None)
+        if config is not None and hasattr(config, "to_dict"):
+            for name in ("dropout", "activation_dropout", "attention_dropout", "layerdrop", "dropout_rate"):
+                if isinstance(getattr(config, name, None), float):
+                    setattr(config, name, 0.0)
+
+
+class MusicValueModel(nn.Module):
+    """V(s_t) for every decoder step: a MusicGen decoder trunk conditioned on the prompt, and a scalar head.
+
+    With ``backbone=None`` the head reads the policy's own last hidden states (``share_value_backbone``); otherwise
+    ``backbone`` is a separate copy of the starting MusicGen (MusicRL's choice: policy and value both start from the
+    pretrained checkpoint). ``base_model_prefix`` and ``score`` follow TRL's value-model convention.
+    """
+
+    base_model_prefix = "backbone"
+
+    def __init__(self, hidden_size: int, backbone: MusicgenForConditionalGeneration | None = None):
+        super().__init__()
+        self.backbone = backbone
+        self.score = nn.Linear(hidden_size, 1)
+        nn.init.normal_(self.score.weight, std=1 / math.sqrt(hidden_size + 1))
+        nn.init.zeros_(self.score.bias)
+
+    @classmethod
+    def from_policy(cls, policy: nn.Module, share_backbone: bool) -> MusicValueModel:
+        musicgen = unwrap_musicgen(policy)
+        backbone = None
+        if not share_backbone:
+            backbone = copy.deepcopy(musicgen)
+            # Only the decoder trunk learns values; the text encoder and the codec stay as they are.
+            for param in backbone.parameters():
+                param.requires_grad_(False)
+            for param in backbone.decoder.parameters():
+                param.requires_grad_(True)
+            backbone.decoder.lm_heads.requires_grad_(False)  # values read hidden states, never code logits
+            if hasattr(backbone, "enc_to_dec_proj"):
+                backbone.enc_to_dec_proj.requires_grad_(True)
+        return cls(musicgen.decoder.config.hidden_size, backbone)
+
+    @property
+    def shares_policy_backbone(self) -> bool:
+        return self.backbone is None
+
+    def forward(self, prompt_ids, prompt_mask, grid, policy_hidden_states=None) -> torch.Tensor:
+        """Values [B, A] at every decoder step, from the prompt and the grid [B, K, S]."""
+        if self.backbone is None:
+            hidden = policy_hidden_states
+        else:
+            hidden = decoder_logits(self.backbone, prompt_ids, prompt_mask, grid, output_hidden_states=True).hidden_states
+        return self.score(hidden.to(self.score.weight.dtype)).squeeze(-1)
+
+
+class MusicPolicyAndValue(nn.Module):
+    """Policy and value model behind one ``forward``, so that a single ``accelerator.prepare`` (DDP, DeepSpeed)
+    wraps both and gradients synchronise. Takes the place of TRL's text-only ``PolicyAndValueWrapper``."""
+
+    def __init__(self, policy: nn.Module, value_model: MusicValueModel):
+        super().__init__()
+        self.policy = policy
+        self.value_model = value_model
+        self.is_gradient_checkpointing = getattr(policy, "is_gradient_checkpointing", False)
+
+    def gradient_checkpointing_enable(self, **kwargs):
+        self.policy.gradient_checkpointing_enable(**kwargs)
+        self.is_gradient_checkpointing = True
+
+    def gradient_checkpointing_disable(self):
+        self.policy.gradient_checkpointing_disable()
+        self.is_gradient_checkpointing = False
+
+    def forward(self, prompt_ids, prompt_mask, grid, guided: bool):
+        shared = self.value_model.shares_policy_backbone
+        output = decoder_logits(self.policy, prompt_ids, prompt_mask, grid, guided=guided, output_hidden_states=shared)
+        values = self.value_model(prompt_ids, prompt_mask, grid, policy_hidden_states=output.hidden_states)
+        return output, values
+
+
+@contextlib.contextmanager
+def _reuse_trl_ppo_init(args: MusicPPOConfig):
+    """Let ``PPOTrainer.__init__`` build everything (Accelerator, batch arithmetic, PEFT wrapping, reference copy,
+    optimizer, scheduler, callbacks, state) for MusicGen. Two of its text-only assumptions are lifted for its
+    duration: it only accepts the k1/k3 KL estimators, and it hard-codes its ``PolicyAndValueWrapper``, whose forward
+    expects a causal LM with ``input_ids``."""
+    kl_estimator = args.kl_estimator
+    text_wrapper = trl_ppo.PolicyAndValueWrapper
+    args.kl_estimator = "k1"
+    trl_ppo.PolicyAndValueWrapper = MusicPolicyAndValue
+    try:
+        yield
+    finally:
+        args.kl_estimator = kl_estimator
+        trl_ppo.PolicyAndValueWrapper = text_wrapper
+
+
+def _collate_prompts(rows: list[dict]) -> dict[str, list[str]]:
+    return {"prompt": [row["prompt"] for row in rows]}
+
+
+class MusicPPOTrainer(PPOTrainer):
+    """RL fine-tuning of a MusicGen policy on sequence-level audio rewards, as in MusicRL.
+
+    Args:
+        args: a :class:`MusicPPOConfig`.
+        processing_class: the ``MusicgenProcessor`` (``None`` loads it from ``model`` when that is an id or path).
+        model: ``MusicgenForConditionalGeneration``, or a model id / path to load one from.
+        ref_model: the KL anchor. ``None``: the adapter-disabled policy with LoRA (no second copy), else a frozen
+            copy of the starting policy. For MusicRL-RU pass the MusicRL-R checkpoint (model or path).
+        reward_model: one reward function or a list (called as ``reward(prompts=, audio=, sampling_rate=, codes=)``
+            and returning ``Tensor[B]``; see DESIGN.md), combined with ``args.reward_weights``.
+        train_dataset: a ``datasets.Dataset`` with a text column ``prompt``.
+        value_model: a :class:`MusicValueModel`; ``None`` builds one from the policy.
+        eval_dataset: prompts for sample generations (optional).
+        callbacks: extra ``TrainerCallback``s.
+        peft_config: a ``peft.LoraConfig`` to train LoRA adapters instead of the full decoder.
+    """
+
+    _tag_names = ["trl", "ppo", "musicrl", "musicgen", "text-to-audio"]
+    _name = "MusicPPO"
+    _paper = {
+        "title": "MusicRL: Aligning Music Generation to Human Preferences",
+        "id": "2402.04229",
+        "citation": textwrap.dedent("""\
+            @article{cideron2024musicrl,
+                title        = {{MusicRL: Aligning Music Generation to Human Preferences}},
+                author       = {Geoffrey Cideron and Sertan Girgin and Mauro Verzetti and Damien Vincent and Matej Kastelic and Zal{\\'a}n Borsos and Brian McWilliams and Victor Ungureanu and Olivier Bachem and Olivier Pietquin and Matthieu Geist and L{\\'e}onard Hussenot and Neil Zeghidour and Andrea Agostinelli},
+                year         = 2024,
+                eprint       = {arXiv:2402.04229}
+            }"""),
+    }
+
+    def __init__(
+        self,
+        args: MusicPPOConfig,
+        processing_class: MusicgenProcessor | None,
+        model: MusicgenForConditionalGeneration | str,
+        ref_model: MusicgenForConditionalGeneration | str | None = None,
+        reward_model: RewardFunction | list[RewardFunction] | None = None,
+        train_dataset: Dataset | None = None,
+        value_model: MusicValueModel | None = None,
+        eval_dataset: Dataset | None = None,
+        callbacks: list[TrainerCallback] | None = None,
+        peft_config=None,
+    ):
+        if not isinstance(args, MusicPPOConfig):
+            raise TypeError(f"args must be a MusicPPOConfig, got {type(args).__name__}.")
+        if isinstance(model, str):
+            processing_class = processing_class or MusicgenProcessor.from_pretrained(model)
+            model = MusicgenForConditionalGeneration.from_pretrained(model)
+        if isinstance(ref_model, str):
+            ref_model = MusicgenForConditionalGeneration.from_pretrained(ref_model)
+        if processing_class is None:
+            raise ValueError("processing_class is required: pass the model's MusicgenProcessor.")
+        self._check_dataset(train_dataset, "train_dataset")
+        if eval_dataset is not None:
+            self._check_dataset(eval_dataset, "eval_dataset")
+        self.reward_funcs = self._check_rewards(reward_model, args.reward_weights)
+        if args.audio_duration_s is not None:
+            args.response_length = resolve_num_steps(model, duration_s=args.audio_duration_s)
+        resolve_num_steps(model, num_steps=args.response_length)  # fail now, not after loading everything
+
+        self.sampling = SamplingConfig(args.guidance_scale, args.temperature, args.top_k)
+        for module in (model, ref_model):
+            if module is not None:
+                zero_dropout(module)
+        if not args.train_text_encoder:
+            model.text_encoder.requires_grad_(False)
+        model.audio_encoder.requires_grad_(False)  # the codec decodes sampled codes; it is never differentiated
+        if value_model is None:
+            value_model = MusicValueModel.from_policy(model, share_backbone=args.share_value_backbone)
+
+        # TRL moves the reward model to the device and disables its dropout: give it the rewards that are modules.
+        reward_modules = nn.ModuleList([r for r in self.reward_funcs if isinstance(r, nn.Module)])
+        with _reuse_trl_ppo_init(args):
+            super().__init__(
+                args=args,
+                processing_class=processing_class,
+                model=model,
+                ref_model=ref_model,
+                reward_model=reward_modules,
+                train_dataset=train_dataset,
+                value_model=value_model,
+                data_collator=_collate_prompts,
+                eval_dataset=eval_dataset if eval_dataset is not None else [],
+                callbacks=callbacks,
+                peft_config=peft_config,
+            )
+        for reward in reward_modules:
+            reward.eval()
+        if self.ref_model is not None:
+            self.ref_model.eval().requires_grad_(False)
+        self.audio_channels = unwrap_musicgen(self.policy_model).decoder.config.audio_channels
+        self.reward_names = [self._reward_name(r) for r in self.reward_funcs]
+
+    # ------------------------------------------------------------------ checks
+    @staticmethod
+    def _check_dataset(dataset, name: str) -> None:
+        if dataset is None:
+            raise ValueError(f"{name} is required: a datasets.Dataset with a text column 'prompt'.")
+        columns = getattr(dataset, "column_names", None) or []
+        if "prompt" not in columns:
+            raise ValueError(
+                f"{name} has no 'prompt' column (columns: {columns}); rename your text column, e.g. "
+                f"dataset.rename_column('text', 'prompt')."
+            )
+        if len(dataset) == 0:
+            raise ValueError(f"{name} is empty: it needs at least one prompt.")
+
+    @staticmethod
+    def _reward_name(reward) -> str:
+        return getattr(reward, "__name__", None) or type(reward).__name__
+
+    @classmethod
+    def _check_rewards(cls, reward_model, weights) -> list[RewardFunction]:
+        rewards = reward_model if isinstance(reward_model, (list, tuple)) else [reward_model]
+        if not rewards or any(r is None or not callable(r) for r in rewards):
+            raise ValueError("reward_model must be a callable reward or a non-empty list of them.")
+        if weights is not None and len(weights) != len(rewards):
+            raise ValueError(f"reward_weights has {len(weights)} entries for {len(rewards)} reward functions.")
+        names = [cls._reward_name(r) for r in rewards]
+        if len(set(names)) != len(names):
+            raise ValueError(f"reward functions need distinct __name__s for logging, got {names}.")
+        return list(rewards)
+
+    # ------------------------------------------------------------------ pieces of one update
+    def _prompt_batch(self, update: int) -> list[str]:
+        """Prompts of update ``update`` (0-based) on this process: a fixed, seeded order over the dataset, so that
+        resuming at step n continues with exactly the prompts the interrupted run would have used."""
+        args, size = self.args, self.train_dataset_len
+        start = update * args.batch_size + self.accelerator.process_index * args.local_batch_size
+        positions = range(start, start + args.local_batch_size)
+        indices = []
+        for position in positions:
+            epoch, offset = divmod(position, size)
+            order = torch.randperm(size, generator=torch.Generator().manual_seed(args.seed + epoch))
+            indices.append(order[offset].item())
+        return [self.train_dataset[i]["prompt"] for i in indices]
+
+    def _score(self, rollout: MusicRollout) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+        """Combined scores [B], each reward's scores [B], and the mask [B] of samples whose rewards are finite."""
+        batch, device = len(rollout.prompts), rollout.audio.device
+        weights = self.args.reward_weights or [1.0] * len(self.reward_funcs)
+        per_reward, total = {}, torch.zeros(batch, device=device)
+        finite = torch.ones(batch, dtype=torch.bool, device=device)
+        for reward, name, weight in zip(self.reward_funcs, self.reward_names, weights):
+            scores = reward(
+                prompts=rollout.prompts, audio=rollout.audio, sampling_rate=rollout.sampling_rate, codes=rollout.codes
+            )
+            scores = torch.as_tensor(scores, dtype=torch.float32).to(device)
+            if scores.shape != (batch,):
+                raise ValueError(
+                    f"reward {name!r} returned shape {tuple(scores.shape)} for {batch} samples; a reward must "
+                    f"return one score per sample, a Tensor[B] or a list of B floats."
+                )
+            nonfinite = ~torch.isfinite(scores)
+            if nonfinite.any() and not self.args.drop_nonfinite_rewards:
+                raise ValueError(
+                    f"reward {name!r} returned non-finite scores {scores[nonfinite].tolist()} for prompts "
+                    f"{[rollout.prompts[i] for i in nonfinite.nonzero().flatten().tolist()]}; fix the reward or set "
+                    f"drop_nonfinite_rewards=True to leave such samples out of the update."
+                )
+            finite &= ~nonfinite
+            per_reward[name] = scores
+            total = total + weight * torch.nan_to_num(scores, nan=0.0, posinf=0.0, neginf=0.0)
+        return total, per_reward, finite
+
+    def _code_logprobs(self, output, codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """From teacher-forced decoder outputs: the sampling distribution per code [B, K, T, V] and the
+        log-probs of ``codes`` [B, K, T]."""
+        sampling, channels = self.sampling, self.audio_channels
+        uncond = codebooks.steps_to_codes(output.uncond_logits, channels) if sampling.guided else None
+        log_dist = codebooks.sampling_logprobs(
+            codebooks.steps_to_codes(output.logits, channels),
+            uncond,
+            sampling.guidance_scale,
+            sampling.temperature,
+            sampling.top_k,
+        )
+        return log_dist, codebooks.gather_logprobs(log_dist, codes)
+
+    def _step_kl(self, log_dist, ref_log_dist, logprobs, ref_logprobs) -> torch.Tensor:
+        """KL(policy || anchor) per decoder step [B, A]: exact over the codebook ('full') or TRL's k1/k3."""
+        if self.args.kl_estimator == "full":
+            per_code = codebooks.full_kl(log_dist, ref_log_dist)
+        else:
+            log_ratio = ref_logprobs - logprobs
+            per_code = -log_ratio if self.args.kl_estimator == "k1" else log_ratio.exp() - 1 - log_ratio
+        return codebooks.codes_to_steps(per_code, self.audio_channels)
+
+    @torch.no_grad()
+    def _anchor_log_dist(self, rollout: MusicRollout) -> torch.Tensor:
+        guided = self.sampling.guided
+        if self.ref_model is None:
+            with self.null_ref_context():
+                policy = self.accelerator.unwrap_model(self.model).policy
+                output = decoder_logits(policy, rollout.prompt_ids, rollout.prompt_mask, rollout.grid, guided)
+        else:
+            output = decoder_logits(self.ref_model, rollout.prompt_ids, rollout.prompt_mask, rollout.grid, guided)
+        return self._code_logprobs(output, rollout.codes)[0]
+
+    @staticmethod
+    def _advantages(rewards, values, gamma: float, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """GAE over decoder steps [B, A]; gamma = lam = 1 gives Monte-Carlo returns minus the baseline."""
+        last_gae, advantages_reversed = 0.0, []
+        steps = rewards.shape[1]
+        for t in reversed(range(steps)):
+            next_values = values[:, t + 1] if t < steps - 1 else 0.0
+            delta = rewards[:, t] + gamma * next_values - values[:, t]
+            last_gae = delta + gamma * lam * last_gae
+            advantages_reversed.append(last_gae)
+        advantages = torch.stack(advantages_reversed[::-1], dim=1)
+        return advantages, advantages + values
+
+    # ------------------------------------------------------------------ the loop
+    def train(self, resume_from_checkpoint: str | bool | None = None):
+        args, accelerator, device = self.args, self.accelerator, self.accelerator.device
+        model, optimizer = self.model, self.optimizer
+
+        self.state.global_step = 0
+        self.state.episode = 0
+        self.state.max_steps = args.num_total_batches
+        self.state.num_train_epochs = args.total_episodes / self.train_dataset_len
+        self.state.logging_steps = args.logging_steps
+        self.state.save_steps = args.save_steps
+        if resume_from_checkpoint:
+            self._resume(resume_from_checkpoint)
+        start_update = self.state.global_step
+        self.control = self.callback_handler.on_train_begin(args, self.state, self.control)
+        start_time = time.time()
+        model.train()
+
+        for update in range(start_update, args.num_total_batches):
+            self.state.episode += args.batch_size
+            prompts = self._prompt_batch(update)
+
+            # 1. rollout
+            unwrapped = accelerator.unwrap_model(model)
+            rollout = generate_rollout(
+                unwrapped.policy, self.processing_class, prompts, num_steps=args.response_length,
+                sampling=self.sampling, max_prompt_length=args.max_prompt_length,
+            )
+            # 2. rewards
+            scores, per_reward_scores, sample_mask = self._score(rollout)
+            # 3. anchor and values under the policy that sampled (the training forward recomputes both with grads)
+            with torch.no_grad():
+                ref_log_dist = self._anchor_log_dist(rollout)
+                output, values = unwrapped(rollout.prompt_ids, rollout.prompt_mask, rollout.grid, self.sampling.guided)
+                log_dist, logprobs = self._code_logprobs(output, rollout.codes)
+                ref_logprobs = codebooks.gather_logprobs(ref_log_dist, rollout.codes)
+                kl = self._step_kl(log_dist, ref_log_dist, logprobs, ref_logprobs)  # [B, A]
+                del output, log_dist
+                non_score_reward = -args.kl_coef * kl
+                rewards = non_score_reward.clone()
+                rewards[:, -1] += scores
+                # 4. advantages
+                advantages, returns = self._advantages(rewards, values, args.gamma, args.lam)
+                step_mask = sample_mask[:, None].expand_as(advantages)
+                if args.whiten_advantages and sample_mask.sum() > 1:
+                    advantages = masked_whiten(advantages, step_mask)
+                advantages = advantages.masked_fill(~step_mask, 0.0)
+                old_step_logprobs = codebooks.codes_to_steps(rollout.logprobs, self.audio_channels)
+
+            # 5. update
+            stats = {name: [] for name in ("approxkl", "clipfrac", "pg_loss", "vf_loss", "vf_clipfrac", "entropy",
+                                           "ratio", "first_ratio_error")}
+            for epoch in range(args.num_ppo_epochs):
+                order = np.random.permutation(args.local_batch_size)
+                for mb_start in range(0, args.local_batch_size, args.local_mini_batch_size):
+                    mini_batch = order[mb_start : mb_start + args.local_mini_batch_size]
+                    for micro_start in range(0, args.local_mini_batch_size, args.per_device_train_batch_size):
+                        mb = torch.as_tensor(
+                            mini_batch[micro_start : micro_start + args.per_device_train_batch_size], device=device
+                        )
+                        mb_mask = step_mask[mb]
+                        with accelerator.accumulate(model):
+                            mb_output, vpred = model(
+                                rollout.prompt_ids[mb], rollout.prompt_mask[mb], rollout.grid[mb], self.sampling.guided
+                            )
+                            mb_log_dist, mb_new_logprobs = self._code_logprobs(mb_output, rollout.codes[mb])
+                            new_logprobs = codebooks.codes_to_steps(mb_new_logprobs, self.audio_channels)
+                            logprobs_diff = new_logprobs - old_step_logprobs[mb]
+                            ratio = torch.exp(logprobs_diff)
+                            pg_losses = -advantages[mb] * ratio
+                            pg_losses2 = -advantages[mb] * torch.clamp(ratio, 1 - args.cliprange, 1 + args.cliprange)
+                            pg_loss = masked_mean(torch.max(pg_losses, pg_losses2), mb_mask)
+                            vpred_clipped = torch.clamp(
+                                vpred, values[mb] - args.cliprange_value, values[mb] + args.cliprange_value
+                            )
+                            vf_losses1 = torch.square(vpred - returns[mb])
+                            vf_losses2 = torch.square(vpred_clipped - returns[mb])
+                            vf_loss = 0.5 * masked_mean(torch.max(vf_losses1, vf_losses2), mb_mask)
+                            loss = pg_loss + args.vf_coef * vf_loss
+                            accelerator.backward(loss)
+                            optimizer.step()
+                            optimizer.zero_grad()
+                        with torch.no_grad():
+                            stats["approxkl"].append(0.5 * masked_mean(logprobs_diff**2, mb_mask))
+                            stats["clipfrac"].append(masked_mean((pg_losses2 > pg_losses).float(), mb_mask))
+                            stats["pg_loss"].append(pg_loss)
+                            stats["vf_loss"].append(vf_loss)
+                            stats["vf_clipfrac"].append(masked_mean((vf_losses2 > vf_losses1).float(), mb_mask))
+                            stats["entropy"].append(codebooks.entropy(mb_log_dist).mean())
+                            stats["ratio"].append(masked_mean(ratio, mb_mask))
+                            if epoch == 0 and mb_start == 0:
+                                # On-policy check: before any update the new policy is the sampling policy.
+                                stats["first_ratio_error"].append((ratio - 1).abs().max())
+                        del mb_output, mb_log_dist
+
+            # metrics
+            with torch.no_grad():
+                gather = accelerator.gather_for_metrics
+
+                def mean_of(x):
+                    return gather(torch.as_tensor(x, device=device, dtype=torch.float32).reshape(-1)).mean().item()
+
+                kept = sample_mask.float()
+                mean_kl = (kl.sum(1) * kept).sum() / kept.sum().clamp(min=1)
+                mean_non_score = (non_score_reward.sum(1) * kept).sum() / kept.sum().clamp(min=1)
+                mean_score = (scores * kept).sum() / kept.sum().clamp(min=1)
+                metrics = {
+                    "eps": int(self.state.episode / (time.time() - start_time)),
+                    "objective/kl": mean_of(mean_kl),
+                    "objective/entropy": mean_of(-(rollout.logprobs.sum((1, 2)))),
+                    "objective/non_score_reward": mean_of(mean_non_score),
+                    "objective/rlhf_reward": mean_of(mean_non_score + mean_score),
+                    "objective/scores": mean_of(mean_score),
+                    "objective/dropped_samples": gather((~sample_mask).sum()[None].float()).sum().item(),
+                    "policy/approxkl_avg": mean_of(torch.stack(stats["approxkl"])),
+                    "policy/clipfrac_avg": mean_of(torch.stack(stats["clipfrac"])),
+                    "policy/entropy_avg": mean_of(torch.stack(stats["entropy"])),
+                    "policy/first_ratio_max_error": mean_of(torch.stack(stats["first_ratio_error"]).max()),
+                    "loss/policy_avg": mean_of(torch.stack(stats["pg_loss"])),
+                    "loss/value_avg": mean_of(torch.stack(stats["vf_loss"])),
+                    "val/clipfrac_avg": mean_of(torch.stack(stats["vf_clipfrac"])),
+                    "val/ratio": mean_of(torch.stack(stats["ratio"])),
+                    "val/ratio_var": gather(torch.stack(stats["ratio"])).var().item() if len(stats["ratio"]) > 1
+                    else 0.0,
+                }
+                for k, entropy in enumerate(rollout.entropies.mean(0)):
+                    metrics[f"policy/entropy_q{k}"] = mean_of(entropy)
+                for name, reward_scores in per_reward_scores.items():
+                    finite = torch.isfinite(reward_scores)
+                    metrics[f"rewards/{name}/mean"] = mean_of(reward_scores[finite].mean() if finite.any() else 0.0)
+                metrics["lr"] = self.lr_scheduler.get_last_lr()[0]
+                metrics["episode"] = self.state.episode
+                self.state.epoch = self.state.episode / self.train_dataset_len
+                self.state.global_step += 1
+                self.log(metrics)
+
+            self.lr_scheduler.step()
+            self.control = self.callback_handler.on_step_end(args, self.state, self.control)
+            if self.control.should_save:
+                self._save_checkpoint(model, trial=None)
+                self.control = self.callback_handler.on_save(args, self.state, self.control)
+            if self.control.should_training_stop:
+                break
+
+        self.control = self.callback_handler.on_train_end(args, self.state, self.control)
+        if self.control.should_save:
+            self._save_checkpoint(model, trial=None)
+            self.control = self.callback_handler.on_save(args, self.state, self.control)
+        if args.plot_training_curves and self.accelerator.is_main_process:
+            self.write_training_curves(args.output_dir)
+
+    # ------------------------------------------------------------------ sample generations
+    def generate_completions(self, sampling: bool = False):
+        """Sample music for the eval prompts and log their combined scores (TRL calls this for sample
+        generations; the audio itself is not logged)."""
+        if not self.eval_dataset:
+            return
+        prompts = list(self.eval_dataset["prompt"][: self.args.per_device_eval_batch_size])
+        rollout = generate_rollout(
+            self.accelerator.unwrap_model(self.model).policy, self.processing_class, prompts,
+            num_steps=self.args.response_length, sampling=self.sampling, max_prompt_length=self.args.max_prompt_length,
+        )
+        scores, _, _ = self._score(rollout)
+        self.log({"eval/scores": scores.mean().item()})
+
+    # ------------------------------------------------------------------ saving and resuming
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
+        """Save the policy (safetensors) and the processor. LoRA policies save the adapter, loadable with
+        ``PeftModel.from_pretrained``, and (``save_merged_lora``) merged full weights to ``<output_dir>/merged``
+        for ``MusicgenForConditionalGeneration.from_pretrained`` and ``pipeline("text-to-audio")``."""
+        output_dir = output_dir or self.args.output_dir
+        super().save_model(output_dir, _internal_call)
+        if self.is_peft_model and self.args.save_merged_lora and not _internal_call and self.args.should_save:
+            policy = copy.deepcopy(self.accelerator.unwrap_model(self.model).policy).merge_and_unload()
+            merged_dir = os.path.join(output_dir, "merged")
+            policy.save_pretrained(merged_dir)
+            self.processing_class.save_pretrained(merged_dir)
+
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)
+        checkpoint_dir = os.path.join(self.args.output_dir, f"checkpoint-{self.state.global_step}")
+        if self.accelerator.is_main_process:
+            value_model = self.accelerator.unwrap_model(self.model).value_model
+            state = {k: v.contiguous() for k, v in value_model.state_dict().items()}
+            save_file(state, os.path.join(checkpoint_dir, VALUE_WEIGHTS_NAME))
+
+    def _resume(self, checkpoint: str | bool) -> None:
+        """Restore policy, value model, optimizer, scheduler, RNG and trainer state from a checkpoint directory
+        (``True``: the latest ``checkpoint-*`` in ``output_dir``)."""
+        from transformers.trainer_callback import TrainerState
+        from transformers.trainer_utils import get_last_checkpoint
+
+        if checkpoint is True:
+            checkpoint = get_last_checkpoint(self.args.output_dir)
+            if checkpoint is None:
+                raise ValueError(f"resume_from_checkpoint=True but {self.args.output_dir} holds no checkpoint-*.")
+        if not os.path.isdir(checkpoint):
+            raise ValueError(f"checkpoint {checkpoint!r} is not a directory.")
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        if self.is_peft_model:
+            from peft import set_peft_model_state_dict
+
+            set_peft_model_state_dict(unwrapped.policy, load_file(os.path.join(checkpoint, "adapter_model.safetensors")))
+        else:
+            policy_state = load_file(os.path.join(checkpoint, "model.safetensors"))
+            missing, unexpected = unwrapped.policy.load_state_dict(policy_state, strict=False)
+            if unexpected or [k for k in missing if k not in unwrapped.policy._tied_weights_keys or []]:
+                raise ValueError(
+                    f"checkpoint {checkpoint} does not match the policy (missing {missing[:3]}, unexpected "
+                    f"{unexpected[:3]}); resume with the model the run started from."
+                )
+        unwrapped.value_model.load_state_dict(load_file(os.path.join(checkpoint, VALUE_WEIGHTS_NAME)))
+        self._load_optimizer_and_scheduler(checkpoint)
+        self._load_rng_state(checkpoint)
+        saved = TrainerState.load_from_json(os.path.join(checkpoint, "trainer_state.json"))
+        self.state.global_step = saved.global_step
+        self.state.episode = saved.global_step * self.args.batch_size
+        self.state.log_history = saved.log_history
+
+    def write_training_curves(self, output_dir: str) -> None:
+        """``log_history.json`` and ``training_curves.png``: reward against KL and against step (the paper's plots)."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        os.makedirs(output_dir, exist_ok=True)
+        with open(os.path.join(output_dir, "log_history.json"), "w") as f:
+            json.dump(self.state.log_history, f, indent=2)
+        logs = [entry for entry in self.state.log_history if "objective/scores" in entry]
+        if not logs:
+            return
+        steps = [entry["step"] for entry in logs]
+        scores = [entry["objective/scores"] for entry in logs]
+        kls = [entry["objective/kl"] for entry in logs]
+        figure, (by_kl, by_step) = plt.subplots(1, 2, figsize=(10, 4))
+        by_kl.plot(kls, scores, marker="o", markersize=3)
+        by_kl.set(xlabel="KL(policy || anchor) per rollout", ylabel="reward", title="reward vs KL")
+        by_step.plot(steps, scores, label="reward")
+        for name in self.reward_names:
+            key = f"rewards/{name}/mean"
+            if len(self.reward_names) > 1 and key in logs[0]:
+                by_step.plot(steps, [entry[key] for entry in logs], label=name, alpha=0.7)
+        by_step.set(xlabel="update", ylabel="reward", title="reward vs step")
+        by_step.legend()
+        figure.tight_layout()
+        figure.savefig(os.path.join(output_dir, "training_curves.png"), dpi=100)
+        plt.close(figure)
