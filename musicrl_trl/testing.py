@@ -66,7 +66,9 @@ def tiny_musicgen_config(num_codebooks: int = 4, audio_channels: int = 1) -> Mus
     if audio_channels not in (1, 2):
         raise ValueError(f"audio_channels must be 1 (mono) or 2 (stereo), got {audio_channels}.")
     if audio_channels == 2 and num_codebooks % 2:
-        raise ValueError(f"Stereo MusicGen interleaves left/right codebooks: num_codebooks must be even, got {num_codebooks}.")
+        raise ValueError(
+            f"Stereo MusicGen interleaves left/right codebooks: num_codebooks must be even, got {num_codebooks}."
+        )
     codec_codebooks = num_codebooks // audio_channels
     frame_rate = TINY_SAMPLING_RATE // (8 * 5 * 4 * 4)
     # A hair above the exact value so that float rounding in EncodecConfig.num_quantizers never drops a codebook.

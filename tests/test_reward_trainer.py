@@ -85,7 +85,8 @@ def test_pairwise_reaches_90_percent_held_out_accuracy(tmp_path):
     initial = {name: param.detach().clone() for name, param in model.named_parameters()}
     train = example.synthetic_preferences(320, seconds=0.5, seed=0)
     test = example.synthetic_preferences(80, seconds=0.5, seed=1)
-    trainer = AudioRewardTrainer(model=model, args=_args(tmp_path), train_dataset=train, eval_dataset=test)
+    args = _args(tmp_path, num_train_epochs=8)  # the demo's setting (see example.tiny_reward_model)
+    trainer = AudioRewardTrainer(model=model, args=args, train_dataset=train, eval_dataset=test)
     assert trainer.mode == "pairwise" and trainer.sampling_rate == 16_000  # clips are 32 kHz: resampled
     trainer.train()
     metrics = trainer.evaluate()
@@ -102,7 +103,7 @@ def test_pairwise_reaches_90_percent_held_out_accuracy(tmp_path):
 
 def test_regression_reaches_spearman_above_0_8(tmp_path):
     model = example.tiny_reward_model(text_conditioned=False)
-    train = example.synthetic_ratings(240, seconds=0.5, seed=0)
+    train = example.synthetic_ratings(320, seconds=0.5, seed=0)
     test = example.synthetic_ratings(80, seconds=0.5, seed=1)
     trainer = AudioRewardTrainer(model=model, args=_args(tmp_path), train_dataset=train, eval_dataset=test)
     assert trainer.mode == "regression"
@@ -125,8 +126,8 @@ def _pairs_with_ties(num_pairs: int = 8) -> Dataset:
             "prompt": ["a tune"] * num_pairs,
             "chosen": [_clip(value=rng.uniform(0.05, 0.5)) for _ in range(num_pairs)],
             "rejected": [_clip(value=rng.uniform(0.05, 0.5)) for _ in range(num_pairs)],
-            # bool ties and a soft tie (share of tie votes) in the same column
-            "tie": [True, False, True, False, 0.5, False, True, False][:num_pairs],
+            # full ties and a soft tie (share of tie votes; the synthetic sets use bool ties)
+            "tie": [1.0, 0.0, 1.0, 0.0, 0.5, 0.0, 1.0, 0.0][:num_pairs],
         }
     )
 
@@ -136,7 +137,7 @@ def test_tie_loss_is_bradley_terry_with_target_one_half(tmp_path):
     margins = torch.tensor([2.0, -1.0, 0.0, 3.0])
     rewards = torch.cat([margins, torch.zeros(4)])  # chosen first, then rejected
     targets = torch.tensor([1.0, 1.0, 0.5, 0.5])  # two decisive pairs, two ties
-    loss, metrics = trainer.loss(rewards, targets)
+    loss, metrics = trainer.reward_loss(rewards, targets)
     sigmoid = torch.sigmoid(margins)
     expected = -torch.stack(
         [
@@ -149,11 +150,11 @@ def test_tie_loss_is_bradley_terry_with_target_one_half(tmp_path):
     assert torch.allclose(loss, expected)
     assert metrics["_correct"] == 1 and metrics["_decisive"] == 2  # ties never count towards accuracy
     # A tie pulls the rewards together: its loss is smallest (log 2) at equal rewards.
-    tie_only, _ = trainer.loss(torch.tensor([0.0, 0.0]), torch.tensor([0.5]))
+    tie_only, _ = trainer.reward_loss(torch.tensor([0.0, 0.0]), torch.tensor([0.5]))
     assert math.isclose(tie_only.item(), math.log(2), rel_tol=1e-6)
 
     trainer.args.tie_loss = "ignore"
-    ignored, _ = trainer.loss(rewards, targets)
+    ignored, _ = trainer.reward_loss(rewards, targets)
     assert torch.allclose(ignored, -(sigmoid[0].log() + sigmoid[1].log()) / 2)
 
 
@@ -189,13 +190,15 @@ def test_compute_reward_metrics_matches_scipy_and_ignores_ties():
 
 def _ratings_with_corrupt_rows() -> Dataset:
     rng = np.random.default_rng(0)
-    audio = [_clip(value=v) for v in rng.uniform(0.05, 0.5, size=8)]
+    audio = [
+        {"bytes": _wav_bytes(np.full(1600, v, dtype=np.float32), 16_000), "path": None} for v in rng.uniform(0, 1, 8)
+    ]
     mos = [float(v) for v in rng.uniform(1, 5, size=8)]
     audio[1] = {"bytes": b"RIFF....not a wav file", "path": "broken.wav"}  # unreadable audio
     mos[3] = float("nan")  # NaN label
-    audio[4] = {"array": np.zeros(1600, dtype=np.float32), "sampling_rate": 50}  # a frame rate, not an audio rate
-    audio[6] = {"array": np.zeros((1600, 2), dtype=np.float32), "sampling_rate": 16_000}  # [N, C] instead of [C, N]
-    return Dataset.from_dict({"audio": audio, "mos": mos})
+    audio[4] = {"bytes": _wav_bytes(np.zeros(1600, dtype=np.float32), 50), "path": None}  # 50 Hz: a frame rate
+    audio[6] = {"bytes": _wav_bytes(np.zeros(0, dtype=np.float32), 16_000), "path": None}  # no samples
+    return Dataset.from_dict({"audio": audio, "mos": mos}).cast_column("audio", Audio())
 
 
 def test_corrupt_rows_raise_with_row_column_and_fix(tmp_path):
@@ -212,6 +215,16 @@ def test_corrupt_rows_raise_with_row_column_and_fix(tmp_path):
     wrong_rate = Dataset.from_dict({"audio": [_clip(rate=8_000)], "mos": [3.0]})
     with pytest.raises(ValueError, match=r"Row 0 .*at 8000 Hz, the model reads 16000 Hz.*resample=True"):
         AudioRewardTrainer(model=_tiny_audio_model(), args=_args(tmp_path, resample=False), train_dataset=wrong_rate)
+
+    transposed = Dataset.from_dict(
+        {
+            "audio": [{"array": np.zeros((1, 800), np.float32), "sampling_rate": 16_000}] * 2
+            + [{"array": np.zeros((800, 2), np.float32), "sampling_rate": 16_000}],
+            "mos": [1.0, 2.0, 3.0],
+        }
+    )
+    with pytest.raises(ValueError, match=r"Row 2 .*read as 800 channels.*transpose \[N, C\] arrays"):
+        AudioRewardTrainer(model=_tiny_audio_model(), args=_args(tmp_path), train_dataset=transposed)
 
     missing = Dataset.from_dict({"clip": [_clip()], "mos": [3.0]})
     with pytest.raises(ValueError, match=r"lacks the column\(s\) \['audio'\].*rename_column"):
@@ -235,7 +248,7 @@ def test_audio_column_files_and_bare_arrays(tmp_path):
     rate = 22_050
     tone = (0.3 * np.sin(2 * np.pi * 440 * np.arange(rate // 10) / rate)).astype(np.float32)
     path = tmp_path / "tone.wav"
-    sf.write(path, tone, rate)
+    sf.write(path, tone, rate, subtype="FLOAT")
     audio_column = Dataset.from_dict(
         {
             "prompt": ["a", "b"],

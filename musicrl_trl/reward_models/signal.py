@@ -95,10 +95,11 @@ def prompt_brightness_target(prompt: str) -> int:
 class BrightnessReward(AudioReward):
     """Spectral brightness in [0, 1]: the log-frequency position of the clip's spectral centroid.
 
-    The power spectrum (2048-point STFT at 32 kHz, half-overlapping frames, averaged over frames and channels) gives a centroid ``c`` in Hz;
-    the score is ``log(c / f_min) / log(f_max / f_min)`` clipped to [0, 1] (50 Hz -> 0, 16 kHz -> 1). Silence has no
-    centroid: a tiny prior at the geometric middle frequency (weight of a -90 dBFS signal) pulls near-silent clips
-    to 0.5 smoothly instead of dividing by zero. Audio is resampled once to 32 kHz (MusicGen's rate: no-op there).
+    The power spectrum (2048-point STFT at 32 kHz, half-overlapping frames, averaged over frames and channels) gives
+    a centroid ``c`` in Hz; the score is ``log(c / f_min) / log(f_max / f_min)`` clipped to [0, 1] (50 Hz -> 0,
+    16 kHz -> 1). Silence has no centroid: a tiny prior at the geometric middle frequency (weight of a -90 dBFS
+    signal) pulls near-silent clips to 0.5 smoothly instead of dividing by zero. Audio is resampled once to 32 kHz
+    (MusicGen's rate: no-op there).
 
     With ``target_from_prompt=True`` the direction comes from the prompt (:data:`BRIGHT_WORDS`,
     :data:`DARK_WORDS`): bright prompts score ``b``, dark prompts ``1 - b``, and prompts with neither follow
@@ -109,7 +110,7 @@ class BrightnessReward(AudioReward):
     >>> t = torch.arange(32_000) / 32_000
     >>> audio = torch.stack([torch.sin(2 * math.pi * 200 * t), torch.sin(2 * math.pi * 4000 * t)])[:, None]
     >>> reward(prompts=["bright shimmering bells", "bright shimmering bells"], audio=audio, sampling_rate=32_000)
-    tensor([0.2403, 0.7597])
+    tensor([0.2402, 0.7597])
     """
 
     sampling_rate = 32_000

@@ -30,13 +30,20 @@ import torch
 import torch.nn as nn
 import trl.experimental.ppo.ppo_trainer as trl_ppo
 from datasets import Dataset
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, load_model, save_model
 from transformers import MusicgenForConditionalGeneration, MusicgenProcessor, TrainerCallback
 from trl.experimental.ppo import PPOTrainer
 from trl.experimental.ppo.ppo_trainer import masked_mean, masked_whiten
 
 from .. import codebooks
-from ..rollout import MusicRollout, SamplingConfig, decoder_logits, generate_rollout, resolve_num_steps, unwrap_musicgen
+from ..rollout import (
+    MusicRollout,
+    SamplingConfig,
+    decoder_logits,
+    generate_rollout,
+    resolve_num_steps,
+    unwrap_musicgen,
+)
 from .ppo_config import MusicPPOConfig
 
 __all__ = ["MusicPPOTrainer", "MusicValueModel", "MusicPolicyAndValue", "zero_dropout"]
@@ -105,7 +112,8 @@ class MusicValueModel(nn.Module):
         if self.backbone is None:
             hidden = policy_hidden_states
         else:
-            hidden = decoder_logits(self.backbone, prompt_ids, prompt_mask, grid, output_hidden_states=True).hidden_states
+            output = decoder_logits(self.backbone, prompt_ids, prompt_mask, grid, output_hidden_states=True)
+            hidden = output.hidden_states
         return self.score(hidden.to(self.score.weight.dtype)).squeeze(-1)
 
 
@@ -181,7 +189,10 @@ class MusicPPOTrainer(PPOTrainer):
         "citation": textwrap.dedent("""\
             @article{cideron2024musicrl,
                 title        = {{MusicRL: Aligning Music Generation to Human Preferences}},
-                author       = {Geoffrey Cideron and Sertan Girgin and Mauro Verzetti and Damien Vincent and Matej Kastelic and Zal{\\'a}n Borsos and Brian McWilliams and Victor Ungureanu and Olivier Bachem and Olivier Pietquin and Matthieu Geist and L{\\'e}onard Hussenot and Neil Zeghidour and Andrea Agostinelli},
+                author       = {Geoffrey Cideron and Sertan Girgin and Mauro Verzetti and Damien Vincent and
+                                Matej Kastelic and Zal{\\'a}n Borsos and Brian McWilliams and Victor Ungureanu and
+                                Olivier Bachem and Olivier Pietquin and Matthieu Geist and L{\\'e}onard Hussenot and
+                                Neil Zeghidour and Andrea Agostinelli},
                 year         = 2024,
                 eprint       = {arXiv:2402.04229}
             }"""),
@@ -466,10 +477,9 @@ class MusicPPOTrainer(PPOTrainer):
 
             # metrics
             with torch.no_grad():
-                gather = accelerator.gather_for_metrics
-
                 def mean_of(x):
-                    return gather(torch.as_tensor(x, device=device, dtype=torch.float32).reshape(-1)).mean().item()
+                    values_ = torch.as_tensor(x, device=device, dtype=torch.float32).reshape(-1)
+                    return accelerator.gather_for_metrics(values_).mean().item()
 
                 kept = sample_mask.float()
                 mean_kl = (kl.sum(1) * kept).sum() / kept.sum().clamp(min=1)
@@ -482,7 +492,7 @@ class MusicPPOTrainer(PPOTrainer):
                     "objective/non_score_reward": mean_of(mean_non_score),
                     "objective/rlhf_reward": mean_of(mean_non_score + mean_score),
                     "objective/scores": mean_of(mean_score),
-                    "objective/dropped_samples": gather((~sample_mask).sum()[None].float()).sum().item(),
+                    "objective/dropped_samples": mean_of((~sample_mask).sum()) * accelerator.num_processes,
                     "policy/approxkl_avg": mean_of(torch.stack(stats["approxkl"])),
                     "policy/clipfrac_avg": mean_of(torch.stack(stats["clipfrac"])),
                     "policy/entropy_avg": mean_of(torch.stack(stats["entropy"])),
@@ -491,8 +501,7 @@ class MusicPPOTrainer(PPOTrainer):
                     "loss/value_avg": mean_of(torch.stack(stats["vf_loss"])),
                     "val/clipfrac_avg": mean_of(torch.stack(stats["vf_clipfrac"])),
                     "val/ratio": mean_of(torch.stack(stats["ratio"])),
-                    "val/ratio_var": gather(torch.stack(stats["ratio"])).var().item() if len(stats["ratio"]) > 1
-                    else 0.0,
+                    "val/ratio_var": torch.stack(stats["ratio"]).var().item() if len(stats["ratio"]) > 1 else 0.0,
                 }
                 for k, entropy in enumerate(rollout.entropies.mean(0)):
                     metrics[f"policy/entropy_q{k}"] = mean_of(entropy)
@@ -551,9 +560,9 @@ class MusicPPOTrainer(PPOTrainer):
         super()._save_checkpoint(model, trial)
         checkpoint_dir = os.path.join(self.args.output_dir, f"checkpoint-{self.state.global_step}")
         if self.accelerator.is_main_process:
+            # save_model de-duplicates tied tensors (T5's shared embeddings) that save_file refuses.
             value_model = self.accelerator.unwrap_model(self.model).value_model
-            state = {k: v.contiguous() for k, v in value_model.state_dict().items()}
-            save_file(state, os.path.join(checkpoint_dir, VALUE_WEIGHTS_NAME))
+            save_model(value_model, os.path.join(checkpoint_dir, VALUE_WEIGHTS_NAME))
 
     def _resume(self, checkpoint: str | bool) -> None:
         """Restore policy, value model, optimizer, scheduler, RNG and trainer state from a checkpoint directory
@@ -571,7 +580,8 @@ class MusicPPOTrainer(PPOTrainer):
         if self.is_peft_model:
             from peft import set_peft_model_state_dict
 
-            set_peft_model_state_dict(unwrapped.policy, load_file(os.path.join(checkpoint, "adapter_model.safetensors")))
+            adapter = load_file(os.path.join(checkpoint, "adapter_model.safetensors"))
+            set_peft_model_state_dict(unwrapped.policy, adapter)
         else:
             policy_state = load_file(os.path.join(checkpoint, "model.safetensors"))
             missing, unexpected = unwrapped.policy.load_state_dict(policy_state, strict=False)
@@ -580,7 +590,7 @@ class MusicPPOTrainer(PPOTrainer):
                     f"checkpoint {checkpoint} does not match the policy (missing {missing[:3]}, unexpected "
                     f"{unexpected[:3]}); resume with the model the run started from."
                 )
-        unwrapped.value_model.load_state_dict(load_file(os.path.join(checkpoint, VALUE_WEIGHTS_NAME)))
+        load_model(unwrapped.value_model, os.path.join(checkpoint, VALUE_WEIGHTS_NAME))
         self._load_optimizer_and_scheduler(checkpoint)
         self._load_rng_state(checkpoint)
         saved = TrainerState.load_from_json(os.path.join(checkpoint, "trainer_state.json"))

@@ -63,7 +63,7 @@ from transformers import (
 )
 from transformers.trainer_utils import EvalPrediction
 
-from musicrl_trl.audio import check_sampling_rate, resample
+from musicrl_trl.audio import MAX_SAMPLING_RATE, MIN_SAMPLING_RATE, check_sampling_rate, resample
 from musicrl_trl.reward_models.modeling_music_reward import MusicRewardModel
 from musicrl_trl.reward_models.token_preference import MusicTokenPreferenceModel
 from musicrl_trl.trainers.reward_config import AudioRewardConfig
@@ -107,13 +107,16 @@ def decode_audio_cell(value: Any, column: str, audio_sampling_rate: int | None =
         raise CorruptRowError(column, "the cell is empty (None)", "Fill it with audio or drop the row.")
     sampling_rate: Any = audio_sampling_rate
     array: Any = value
+    from_file = False
     if isinstance(value, dict) and value.get("array") is not None:
         array, sampling_rate = value["array"], value.get("sampling_rate", audio_sampling_rate)
     elif isinstance(value, dict) and (value.get("bytes") is not None or value.get("path") is not None):
         source = io.BytesIO(value["bytes"]) if value.get("bytes") is not None else value["path"]
         array, sampling_rate = _read_file(source, column, value.get("path"))
+        from_file = True
     elif isinstance(value, (str, os.PathLike)):
         array, sampling_rate = _read_file(os.fspath(value), column, os.fspath(value))
+        from_file = True
     elif not isinstance(value, (list, tuple, np.ndarray, torch.Tensor)):
         raise CorruptRowError(
             column,
@@ -128,8 +131,12 @@ def decode_audio_cell(value: Any, column: str, audio_sampling_rate: int | None =
         )
     try:
         sampling_rate = check_sampling_rate(sampling_rate, f"column {column!r}")
-    except ValueError as error:
-        raise CorruptRowError(column, f"invalid sampling rate {sampling_rate!r}", str(error)) from None
+    except ValueError:
+        raise CorruptRowError(
+            column,
+            f"sampling rate {sampling_rate!r} is not an audio rate in [{MIN_SAMPLING_RATE}, {MAX_SAMPLING_RATE}] Hz",
+            "Store the clip's real rate in samples per second (50 is a codec frame rate, 10 or 30 a duration).",
+        ) from None
     try:
         audio = torch.as_tensor(np.asarray(array, dtype=np.float32))
     except (TypeError, ValueError) as error:
@@ -138,7 +145,7 @@ def decode_audio_cell(value: Any, column: str, audio_sampling_rate: int | None =
         audio = audio[None]
     if audio.dim() != 2:
         raise CorruptRowError(column, f"audio has shape {tuple(audio.shape)}", "Store [N] (mono) or [C, N] arrays.")
-    if audio.shape[0] > MAX_CHANNELS:
+    if audio.shape[0] > MAX_CHANNELS and not from_file:
         raise CorruptRowError(
             column,
             f"audio has shape {tuple(audio.shape)}, read as {audio.shape[0]} channels",
@@ -516,6 +523,11 @@ class AudioRewardTrainer(Trainer):
         if feature_extractor is not None and not args.mono:
             raise ValueError("Feature extractors take mono clips: set mono=True or pass processing_class=None.")
         self.mode = args.mode or self._infer_mode(train_dataset)
+        if tokenizer is None and "prompt" in train_dataset.column_names and self.input_kind == "codes":
+            logger.warning(
+                "The dataset has prompts but no tokenizer was given: the token-space model scores the codes without "
+                "them. Pass the MusicGen processor (or its tokenizer) as processing_class to condition on the prompt."
+            )
         self.sampling_rate = self._resolve_sampling_rate(args, model, feature_extractor)
 
         if data_collator is None:
@@ -564,7 +576,8 @@ class AudioRewardTrainer(Trainer):
         self.model_accepts_loss_kwargs = False
         self.label_names = []
         self.can_return_loss = True
-        self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
+        # Training metrics of the current logging window (evaluation metrics come from compute_metrics).
+        self._metrics: dict[str, list[float]] = defaultdict(list)
         if isinstance(self.model, PreTrainedModel):
             self.model.add_model_tags(self._tag_names)
 
@@ -704,7 +717,7 @@ class AudioRewardTrainer(Trainer):
 
     # ---- loss ------------------------------------------------------------------------------------------------------
 
-    def rewards(self, model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    def compute_rewards(self, model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         """Scalar rewards [B'] of a collated batch (chosen rows first for pairwise batches)."""
         if self.input_kind == "codes":
             kwargs = {"codes": inputs["codes"], "codes_attention_mask": inputs["codes_attention_mask"]}
@@ -725,7 +738,7 @@ class AudioRewardTrainer(Trainer):
         logits = model(**kwargs).logits  # [B', 1]
         return logits.reshape(-1).float()
 
-    def loss(self, rewards: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    def reward_loss(self, rewards: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         """The training loss of a batch and its metrics (see the module docstring)."""
         if self.mode == "regression":
             mse = nn.functional.mse_loss(rewards, targets.float())
@@ -746,7 +759,6 @@ class AudioRewardTrainer(Trainer):
         with torch.no_grad():
             won = targets > 0.5
             metrics = {"mean_reward": rewards.mean().item(), "margin": margins.mean().item()}
-            # Accuracy sums over the logging window (not a mean of batch means): batches hold different tie counts.
             metrics["_correct"] = float((margins[won] > 0).sum().item())
             metrics["_decisive"] = float(won.sum().item())
         return loss, metrics
@@ -758,11 +770,11 @@ class AudioRewardTrainer(Trainer):
         return_outputs: bool = False,
         num_items_in_batch: torch.Tensor | int | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        rewards = self.rewards(model, inputs)
-        loss, metrics = self.loss(rewards, inputs["targets"])
+        rewards = self.compute_rewards(model, inputs)
+        loss, metrics = self.reward_loss(rewards, inputs["targets"])
         if model.training:
             for key, value in metrics.items():
-                self._metrics["train"][key].append(value)
+                self._metrics[key].append(value)
         return (loss, {"rewards": rewards}) if return_outputs else loss
 
     def prediction_step(
@@ -775,8 +787,8 @@ class AudioRewardTrainer(Trainer):
         """Loss, rewards ([B, 2] chosen/rejected for pairs, [B] for ratings) and targets of an eval batch."""
         inputs = self._prepare_inputs(inputs)
         with torch.no_grad(), self.compute_loss_context_manager():
-            rewards = self.rewards(model, inputs)
-            loss, _ = self.loss(rewards, inputs["targets"])
+            rewards = self.compute_rewards(model, inputs)
+            loss, _ = self.reward_loss(rewards, inputs["targets"])
         if prediction_loss_only:
             return loss.detach(), None, None
         if self.mode == "pairwise":
@@ -784,14 +796,23 @@ class AudioRewardTrainer(Trainer):
         return loss.detach(), rewards.detach(), inputs["targets"].detach()
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        if "loss" in logs and self._metrics["train"]:  # a training log: add the window's averages
-            window = self._metrics["train"]
-            correct, decisive = sum(window.pop("_correct", [])), sum(window.pop("_decisive", []))
-            logs.update({key: sum(values) / len(values) for key, values in window.items() if values})
+        if "loss" in logs and self._metrics:  # a training log: add the window's metrics, summed over all processes
+            keys = sorted(self._metrics)
+            sums = torch.tensor([sum(self._metrics[key]) for key in keys], device=self.accelerator.device)
+            counts = torch.tensor([len(self._metrics[key]) for key in keys], device=self.accelerator.device)
+            sums, counts = (
+                self.accelerator.reduce(sums, "sum").tolist(),
+                self.accelerator.reduce(counts, "sum").tolist(),
+            )
+            window = dict(zip(keys, zip(sums, counts)))
+            # Accuracy is correct / decisive over the window, not a mean of batch means: batches hold different
+            # numbers of ties.
+            correct, decisive = window.pop("_correct", (0.0, 0))[0], window.pop("_decisive", (0.0, 0))[0]
+            logs.update({key: total / count for key, (total, count) in window.items() if count})
             if decisive:
                 logs["accuracy"] = correct / decisive
             logs["num_skipped_rows"] = self.num_skipped_rows
-            window.clear()
+            self._metrics.clear()
         super().log(logs, start_time)
 
 
