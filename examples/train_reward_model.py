@@ -56,9 +56,7 @@ from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
 from transformers import AutoConfig, PreTrainedModel
 from trl import TrlParser
 
-from musicrl_trl.reward_models import MusicRewardConfig, MusicRewardModel
-from musicrl_trl.trainers.reward_config import AudioRewardConfig
-from musicrl_trl.trainers.reward_trainer import AudioRewardTrainer
+from musicrl_trl import AudioRewardConfig, AudioRewardTrainer, MusicRewardConfig, MusicRewardModel
 
 BACKBONE_TYPES = ("clap", "audio-spectrogram-transformer")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import io
+import json
 import math
 import os
 import subprocess
@@ -324,6 +325,38 @@ def test_save_writes_safetensors_and_reloads(tmp_path):
     # AudioRewardTrainer loads a saved reward model by path too, with its (pass-through) feature extractor.
     again = AudioRewardTrainer(model=str(tmp_path / "model"), args=_args(tmp_path), train_dataset=dataset)
     assert isinstance(again.model, MusicRewardModel) and again.sampling_rate == 16_000
+
+
+def test_example_maps_ab_votes_from_a_jsonl_file(tmp_path):
+    # What a downloaded vote release looks like: a JSONL file with a prompt, two relative audio paths and a winner.
+    (tmp_path / "audio").mkdir()
+    rows = []
+    for index, winner in enumerate(["a", "b", "tie", "both_bad", "b"]):
+        for side, value in (("a", 0.1), ("b", 0.2)):
+            sf.write(
+                tmp_path / "audio" / f"{side}{index}.wav", np.full(800, value, np.float32), 16_000, subtype="FLOAT"
+            )
+        rows.append({"caption": f"tune {index}", "left": f"a{index}.wav", "right": f"b{index}.wav", "vote": winner})
+    votes = tmp_path / "votes.jsonl"
+    votes.write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+    script_args = example.ScriptArguments(
+        dataset_name=str(votes),
+        audio_root=str(tmp_path / "audio"),
+        prompt_column="caption",
+        a_column="left",
+        b_column="right",
+        winner_column="vote",
+        tie_values="tie",
+    )
+    dataset = example.to_trainer_columns(example.load_any_dataset(script_args)["train"], script_args, "pairwise")
+    assert dataset["prompt"] == ["tune 0", "tune 1", "tune 2", "tune 4"]  # "both_bad" is neither a win nor a tie
+    assert [os.path.basename(path) for path in dataset["chosen"]] == ["a0.wav", "b1.wav", "a2.wav", "b4.wav"]
+    assert [os.path.basename(path) for path in dataset["rejected"]] == ["b0.wav", "a1.wav", "b2.wav", "a4.wav"]
+    assert dataset["tie"] == [False, False, True, False]
+    trainer = AudioRewardTrainer(model=_tiny_audio_model(), args=_args(tmp_path), train_dataset=dataset)
+    batch = trainer.data_collator([trainer.train_dataset[1]])
+    assert batch["input_values"][:, 0].tolist() == pytest.approx([0.2, 0.1])  # chosen B, rejected A
 
 
 @pytest.mark.slow

@@ -181,13 +181,14 @@ def _code_pairs(num_pairs: int, seed: int) -> Dataset:
 
 def test_trainer_learns_separable_token_preferences(musicgen, tmp_path):
     generator, processor = musicgen
+    torch.manual_seed(0)  # the scalar head's init
     model = MusicTokenPreferenceModel.from_musicgen(generator)
     initial = {name: param.detach().clone() for name, param in model.named_parameters()}
     args = AudioRewardConfig(
         output_dir=str(tmp_path),
         per_device_train_batch_size=16,
-        num_train_epochs=2,
-        learning_rate=1e-3,
+        num_train_epochs=3,  # reached 100 % held-out accuracy for 8 of 8 head seeds
+        learning_rate=3e-3,
         logging_steps=4,
         save_strategy="no",
         report_to="none",
@@ -204,7 +205,7 @@ def test_trainer_learns_separable_token_preferences(musicgen, tmp_path):
     before = trainer.evaluate()["eval_accuracy"]
     trainer.train()
     after = trainer.evaluate()["eval_accuracy"]
-    assert after > 0.75 and after > before, (before, after)
+    assert after > 0.9 and after > before, (before, after)
     changed = [name for name, param in model.named_parameters() if not torch.equal(param, initial[name])]
     assert any(name.startswith("decoder.") for name in changed) and "score.weight" in changed
     assert any(name.startswith("text_encoder.") for name in changed)  # the prompt reaches the loss

@@ -43,7 +43,7 @@ from transformers.configuration_utils import SubConfigSpec
 from transformers.modeling_outputs import SequenceClassifierOutput
 from transformers.models.musicgen.modeling_musicgen import MusicgenModel
 
-from musicrl_trl import codebooks
+from .. import codebooks
 
 __all__ = ["MusicTokenPreferenceConfig", "MusicTokenPreferenceModel", "register_token_preference"]
 

@@ -236,7 +236,10 @@ class MusicPPOTrainer(PPOTrainer):
             model.text_encoder.requires_grad_(False)
         model.audio_encoder.requires_grad_(False)  # the codec decodes sampled codes; it is never differentiated
         if value_model is None:
-            value_model = MusicValueModel.from_policy(model, share_backbone=args.share_value_backbone)
+            # Seeded, so that a run (and its resumption) does not depend on what consumed the global RNG before.
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(args.seed)
+                value_model = MusicValueModel.from_policy(model, share_backbone=args.share_value_backbone)
 
         # TRL moves the reward model to the device and disables its dropout: give it the rewards that are modules.
         reward_modules = nn.ModuleList([r for r in self.reward_funcs if isinstance(r, nn.Module)])
@@ -567,7 +570,6 @@ class MusicPPOTrainer(PPOTrainer):
     def _resume(self, checkpoint: str | bool) -> None:
         """Restore policy, value model, optimizer, scheduler, RNG and trainer state from a checkpoint directory
         (``True``: the latest ``checkpoint-*`` in ``output_dir``)."""
-        from transformers.trainer_callback import TrainerState
         from transformers.trainer_utils import get_last_checkpoint
 
         if checkpoint is True:
@@ -585,15 +587,22 @@ class MusicPPOTrainer(PPOTrainer):
         else:
             policy_state = load_file(os.path.join(checkpoint, "model.safetensors"))
             missing, unexpected = unwrapped.policy.load_state_dict(policy_state, strict=False)
-            if unexpected or [k for k in missing if k not in unwrapped.policy._tied_weights_keys or []]:
+            # save_pretrained stores tied tensors once (T5's shared embeddings); their aliases are loaded with them.
+            current = unwrapped.policy.state_dict()
+            loaded = {current[k].data_ptr() for k in policy_state if k in current}
+            if unexpected or [k for k in missing if current[k].data_ptr() not in loaded]:
                 raise ValueError(
                     f"checkpoint {checkpoint} does not match the policy (missing {missing[:3]}, unexpected "
                     f"{unexpected[:3]}); resume with the model the run started from."
                 )
         load_model(unwrapped.value_model, os.path.join(checkpoint, VALUE_WEIGHTS_NAME))
-        self._load_optimizer_and_scheduler(checkpoint)
+        # Trainer._load_optimizer_and_scheduler needs Trainer state PPOTrainer never sets; the files are the same.
+        # weights_only=True: tensors and plain containers only, no arbitrary pickles.
+        optimizer_state = torch.load(os.path.join(checkpoint, "optimizer.pt"), map_location="cpu", weights_only=True)
+        self.optimizer.load_state_dict(optimizer_state)
+        self.lr_scheduler.load_state_dict(torch.load(os.path.join(checkpoint, "scheduler.pt"), weights_only=True))
         self._load_rng_state(checkpoint)
-        saved = TrainerState.load_from_json(os.path.join(checkpoint, "trainer_state.json"))
+        saved = trl_ppo.OnlineTrainerState.load_from_json(os.path.join(checkpoint, "trainer_state.json"))
         self.state.global_step = saved.global_step
         self.state.episode = saved.global_step * self.args.batch_size
         self.state.log_history = saved.log_history

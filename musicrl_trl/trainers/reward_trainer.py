@@ -63,10 +63,10 @@ from transformers import (
 )
 from transformers.trainer_utils import EvalPrediction
 
-from musicrl_trl.audio import MAX_SAMPLING_RATE, MIN_SAMPLING_RATE, check_sampling_rate, resample
-from musicrl_trl.reward_models.modeling_music_reward import MusicRewardModel
-from musicrl_trl.reward_models.token_preference import MusicTokenPreferenceModel
-from musicrl_trl.trainers.reward_config import AudioRewardConfig
+from ..audio import MAX_SAMPLING_RATE, MIN_SAMPLING_RATE, check_sampling_rate, resample
+from ..reward_models.modeling_music_reward import MusicRewardModel
+from ..reward_models.token_preference import MusicTokenPreferenceModel
+from .reward_config import AudioRewardConfig
 
 __all__ = ["AudioRewardTrainer", "DataCollatorForAudioReward", "compute_reward_metrics"]
 
