@@ -51,7 +51,7 @@ TINY_SAMPLING_RATE = 32_000
 TINY_UPSAMPLING_RATIOS = (8, 5, 4, 4)
 CODEBOOK_SIZE = 2048
 TARGET_RMS = 0.1
-LOGIT_SCALE = 4.0
+LOGIT_SCALE = 2.0
 # ByT5 has 256 byte ids + 3 specials + 125 sentinels = 384 ids and needs no vocabulary file.
 BYT5_VOCAB_SIZE = 384
 
