@@ -29,6 +29,7 @@ __all__ = [
     "tokenize_prompts",
     "generate_rollout",
     "decoder_logits",
+    "sampling_log_dist",
     "teacher_forced_logprobs",
 ]
 
@@ -331,6 +332,19 @@ def decoder_logits(
     )
 
 
+def sampling_log_dist(output: DecoderOutput, sampling: SamplingConfig, audio_channels: int = 1) -> torch.Tensor:
+    """The sampling distribution [B, K, T, V] of every code, from teacher-forced decoder outputs: the logits moved
+    from decoder steps to codes, then guidance, temperature and top-k exactly as ``generate`` applies them."""
+    uncond = codebooks.steps_to_codes(output.uncond_logits, audio_channels) if sampling.guided else None
+    return codebooks.sampling_logprobs(
+        codebooks.steps_to_codes(output.logits, audio_channels),
+        uncond,
+        sampling.guidance_scale,
+        sampling.temperature,
+        sampling.top_k,
+    )
+
+
 def teacher_forced_logprobs(
     model: torch.nn.Module,
     prompt_ids: torch.Tensor,
@@ -344,12 +358,5 @@ def teacher_forced_logprobs(
     For a rollout from the same model this reproduces ``rollout.logprobs``.
     """
     output = decoder_logits(model, prompt_ids, prompt_mask, grid, guided=sampling.guided)
-    uncond = codebooks.steps_to_codes(output.uncond_logits, audio_channels) if sampling.guided else None
-    logprobs = codebooks.sampling_logprobs(
-        codebooks.steps_to_codes(output.logits, audio_channels),
-        uncond,
-        sampling.guidance_scale,
-        sampling.temperature,
-        sampling.top_k,
-    )
-    return codebooks.gather_logprobs(logprobs, codebooks.grid_to_codes(grid, audio_channels))
+    log_dist = sampling_log_dist(output, sampling, audio_channels)
+    return codebooks.gather_logprobs(log_dist, codebooks.grid_to_codes(grid, audio_channels))

@@ -42,6 +42,7 @@ from ..rollout import (
     decoder_logits,
     generate_rollout,
     resolve_num_steps,
+    sampling_log_dist,
     unwrap_musicgen,
 )
 from .ppo_config import MusicPPOConfig
@@ -339,15 +340,7 @@ class MusicPPOTrainer(PPOTrainer):
     def _code_logprobs(self, output, codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """From teacher-forced decoder outputs: the sampling distribution per code [B, K, T, V] and the
         log-probs of ``codes`` [B, K, T]."""
-        sampling, channels = self.sampling, self.audio_channels
-        uncond = codebooks.steps_to_codes(output.uncond_logits, channels) if sampling.guided else None
-        log_dist = codebooks.sampling_logprobs(
-            codebooks.steps_to_codes(output.logits, channels),
-            uncond,
-            sampling.guidance_scale,
-            sampling.temperature,
-            sampling.top_k,
-        )
+        log_dist = sampling_log_dist(output, self.sampling, self.audio_channels)
         return log_dist, codebooks.gather_logprobs(log_dist, codes)
 
     def _step_kl(self, log_dist, ref_log_dist, logprobs, ref_logprobs) -> torch.Tensor:
