@@ -309,6 +309,7 @@ def decoder_logits(
     classifier-free guidance (zero encoder states and an all-zero encoder mask), and both halves are returned.
     Gradients flow unless the caller disables them. ``model`` may be peft- or DDP-wrapped.
     """
+    # Under DeepSpeed, TRL hands the reference model over as an engine whose `.module` is the model.
     musicgen = unwrap_musicgen(model.module if hasattr(model, "module") else model)
     batch, num_codebooks, length = grid.shape
     encoder_states = musicgen.text_encoder(input_ids=prompt_ids, attention_mask=prompt_mask).last_hidden_state

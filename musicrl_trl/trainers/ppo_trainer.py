@@ -50,6 +50,7 @@ from .ppo_config import MusicPPOConfig
 __all__ = ["MusicPPOTrainer", "MusicValueModel", "MusicPolicyAndValue", "zero_dropout"]
 
 VALUE_WEIGHTS_NAME = "value_model.safetensors"
+DROPOUT_ATTRIBUTES = ("dropout", "activation_dropout", "attention_dropout", "layerdrop", "dropout_rate")
 RewardFunction = Callable[..., torch.Tensor | Sequence[float]]
 
 
@@ -61,14 +62,11 @@ def zero_dropout(model: nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, nn.Dropout):
             module.p = 0.0
-        for name in ("dropout", "activation_dropout", "attention_dropout", "layerdrop", "dropout_rate"):
-            if isinstance(getattr(module, name, None), float):
-                setattr(module, name, 0.0)
-        config = getattr(module, "config", None)
-        if config is not None and hasattr(config, "to_dict"):
-            for name in ("dropout", "activation_dropout", "attention_dropout", "layerdrop", "dropout_rate"):
-                if isinstance(getattr(config, name, None), float):
-                    setattr(config, name, 0.0)
+        # Layers read the attributes; configs are zeroed too so that a saved checkpoint reloads without dropout.
+        for holder in (module, getattr(module, "config", None)):
+            for name in DROPOUT_ATTRIBUTES:
+                if isinstance(getattr(holder, name, None), float):
+                    setattr(holder, name, 0.0)
 
 
 class MusicValueModel(nn.Module):
@@ -301,13 +299,14 @@ class MusicPPOTrainer(PPOTrainer):
         resuming at step n continues with exactly the prompts the interrupted run would have used."""
         args, size = self.args, self.train_dataset_len
         start = update * args.batch_size + self.accelerator.process_index * args.local_batch_size
-        positions = range(start, start + args.local_batch_size)
+        orders = {}  # one permutation per epoch the batch touches (at most a few), not one per prompt
         indices = []
-        for position in positions:
+        for position in range(start, start + args.local_batch_size):
             epoch, offset = divmod(position, size)
-            order = torch.randperm(size, generator=torch.Generator().manual_seed(args.seed + epoch))
-            indices.append(order[offset].item())
-        return [self.train_dataset[i]["prompt"] for i in indices]
+            if epoch not in orders:
+                orders[epoch] = torch.randperm(size, generator=torch.Generator().manual_seed(args.seed + epoch))
+            indices.append(orders[epoch][offset].item())
+        return list(self.train_dataset.select(indices)["prompt"])
 
     def _score(self, rollout: MusicRollout) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
         """Combined scores [B], each reward's scores [B], and the mask [B] of samples whose rewards are finite."""
@@ -423,7 +422,7 @@ class MusicPPOTrainer(PPOTrainer):
                 if args.whiten_advantages and sample_mask.sum() > 1:
                     advantages = masked_whiten(advantages, step_mask)
                 advantages = advantages.masked_fill(~step_mask, 0.0)
-                old_step_logprobs = codebooks.codes_to_steps(rollout.logprobs, self.audio_channels)
+                old_step_logprobs = rollout.step_logprobs()
 
             # 5. update
             stats = {name: [] for name in ("approxkl", "clipfrac", "pg_loss", "vf_loss", "vf_clipfrac", "entropy",
