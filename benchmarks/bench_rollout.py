@@ -86,7 +86,7 @@ def main():
         times["generate"].append(timed(plain))
         times["rollout"].append(timed(rollout))
     generate_s, rollout_s = statistics.median(times["generate"]), statistics.median(times["rollout"])
-    print(f"model={args.model or 'tiny'} device={args.device} batch={args.batch_size} steps={args.steps} "
+    print(f"model={args.model or args.architecture} device={args.device} batch={args.batch_size} steps={args.steps} "
           f"guidance={args.guidance_scale} top_k={args.top_k} threads={torch.get_num_threads()}")
     print(f"plain generate   median {generate_s:.3f} s  (runs: {', '.join(f'{t:.3f}' for t in times['generate'])})")
     print(f"generate_rollout median {rollout_s:.3f} s  (runs: {', '.join(f'{t:.3f}' for t in times['rollout'])})")
