@@ -20,6 +20,7 @@ Recipes (examples/recipes/*.yaml): musicrl_r (text adherence + quality), musicrl
 from __future__ import annotations
 
 import os
+import statistics
 import sys
 import time
 from dataclasses import dataclass, field
@@ -102,6 +103,27 @@ def load_rewards(script_args: ScriptArguments, training_args: MusicPPOConfig):
     return [combination], None, ref_model  # normalisation needs the scores of all rewards together
 
 
+def print_summary(log_history: list[dict], output_dir: str, seconds: float) -> None:
+    """A few lines instead of every update's metrics (those are in log_history.json): did the reward move, beyond
+    the update-to-update noise, and how far did the policy go from its anchor."""
+    scores = [entry["objective/scores"] for entry in log_history if "objective/scores" in entry]
+    kls = [entry["objective/kl"] for entry in log_history if "objective/kl" in entry]
+    if not scores:
+        print(f"no update ran; output in {os.path.abspath(output_dir)}")
+        return
+    quarter = max(1, len(scores) // 4)
+    first, last = scores[:quarter], scores[-quarter:]
+    noise = statistics.stdev(first) if len(first) > 1 else float("nan")
+    gain = statistics.mean(last) - statistics.mean(first)
+    print(f"mean reward, first {quarter} updates: {statistics.mean(first):.4f} (sd {noise:.4f} between updates)")
+    print(f"mean reward, last {quarter} updates:  {statistics.mean(last):.4f} ({gain / noise:+.1f} sd of the first "
+          f"quarter)")
+    print(f"KL to the anchor at the end: {kls[-1]:.2f} nats per clip; {len(scores)} updates in {seconds:.0f} s")
+    print(f"model:  {os.path.abspath(output_dir)}")
+    print(f"log:    {os.path.abspath(os.path.join(output_dir, 'log_history.json'))}")
+    print(f"plot:   {os.path.abspath(os.path.join(output_dir, 'training_curves.png'))}")
+
+
 def main():
     parser = TrlParser((ScriptArguments, MusicPPOConfig, ModelConfig))
     script_args, training_args, model_args = parser.parse_args_and_config()
@@ -109,12 +131,15 @@ def main():
         training_args.output_dir = os.path.join("outputs", "ppo_musicrl")
     offline_demo = model_args.model_name_or_path is None
     if offline_demo and "--total_episodes" not in sys.argv:
-        # Demo defaults: 0.34 s clips, 40 updates of 8 rollouts; about a minute on a 2-core CPU.
-        training_args.total_episodes = 8 * 40
-        training_args.per_device_train_batch_size = 8
+        # Demo defaults: 100 updates of 16 clips of 0.34 s, one to two minutes on an idle 2-core CPU. The tiny model
+        # learns at a far higher rate than real checkpoints. Batch 16 halves the variance of the per-update mean reward,
+        # so that with the default kl_coef the loudness reward's rise shows on the plot for every seed tried:
+        # 5.0, 12.6 and 9.3 standard deviations of the first quarter's noise for seeds 0, 1, 2.
+        training_args.total_episodes = 16 * 100
+        training_args.per_device_train_batch_size = 16
         training_args.response_length = 20
-        training_args.learning_rate = 1e-3
-        training_args.kl_coef = 0.005
+        if "--learning_rate" not in sys.argv:
+            training_args.learning_rate = 2e-3
 
     model, processor = load_policy(model_args)
     train_dataset = load_prompts(script_args)
@@ -136,16 +161,7 @@ def main():
     trainer.save_model(training_args.output_dir)
 
     if trainer.accelerator.is_main_process:
-        scores = [entry["objective/scores"] for entry in trainer.state.log_history if "objective/scores" in entry]
-        kls = [entry["objective/kl"] for entry in trainer.state.log_history if "objective/kl" in entry]
-        window = max(1, len(scores) // 4)
-        print(f"mean reward, first {window} updates: {sum(scores[:window]) / window:.4f}")
-        print(f"mean reward, last {window} updates:  {sum(scores[-window:]) / window:.4f}")
-        print(f"KL to the anchor at the end: {kls[-1]:.4f} nats per clip; {len(scores)} updates in "
-              f"{time.time() - start:.0f} s")
-        print(f"model:  {os.path.abspath(training_args.output_dir)}")
-        print(f"log:    {os.path.abspath(os.path.join(training_args.output_dir, 'log_history.json'))}")
-        print(f"plot:   {os.path.abspath(os.path.join(training_args.output_dir, 'training_curves.png'))}")
+        print_summary(trainer.state.log_history, training_args.output_dir, time.time() - start)
     if training_args.push_to_hub:
         trainer.push_to_hub()
 

@@ -167,11 +167,13 @@ def sampling_logprobs(
     ``guidance_scale > 1``, which is when ``generate`` runs the unconditional half), temperature, top-k (``0``
     keeps the whole codebook). Tokens removed by top-k get ``-inf``.
     """
-    logits = cond_logits.float()
+    # At least float32 (half-precision logits are upcast as generate's processors see them); float64 stays float64.
+    dtype = torch.promote_types(cond_logits.dtype, torch.float32)
+    logits = cond_logits.to(dtype)
     if guidance_scale is not None and guidance_scale > 1:
         if uncond_logits is None:
             raise ValueError(f"guidance_scale={guidance_scale} needs the unconditional logits too.")
-        uncond = uncond_logits.float()
+        uncond = uncond_logits.to(dtype)
         # Same expression as ClassifierFreeGuidanceLogitsProcessor, for bitwise-identical results.
         logits = uncond + (logits - uncond) * guidance_scale
     if temperature is not None and temperature != 1.0:
@@ -204,5 +206,7 @@ def full_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
     support (top-k) contribute 0; a code in p's support that q gives probability 0 makes the KL infinite.
     """
     probs = logprobs.exp()
-    terms = probs * (logprobs - ref_logprobs)
-    return torch.where(probs > 0, terms, torch.zeros_like(terms)).sum(-1)
+    # Mask the log-ratio, not the product: at codes outside p's support the ratio is -inf (or nan), and
+    # 0 * inf in the product's backward would turn the gradient of the KL-in-the-loss into nan.
+    log_ratio = torch.where(probs > 0, logprobs - ref_logprobs, torch.zeros_like(logprobs))
+    return (probs * log_ratio).sum(-1)

@@ -13,12 +13,31 @@ class MusicPPOConfig(PPOConfig):
     r"""
     Configuration for [`MusicPPOTrainer`]. The defaults reproduce MusicRL (Cideron et al., 2024): KL-regularised
     REINFORCE with a learned value baseline, undiscounted returns, one gradient update per rollout batch, sampling at
-    temperature 0.99, and the exact per-step KL to the anchor over the whole codebook. Full PPO is the same trainer
-    with ``num_ppo_epochs > 1``, ``num_mini_batches > 1`` and ``lam < 1`` (clipping is always applied with
-    ``cliprange``; at the first update of a rollout the ratio is 1, so it has no effect in the paper's setting).
+    temperature 0.99, and the exact per-step KL to the anchor over the whole codebook as an analytic loss term. Full
+    PPO is the same trainer with ``num_ppo_epochs > 1``, ``num_mini_batches > 1`` and ``lam < 1`` (clipping is always
+    applied with ``cliprange``; at the first update of a rollout the ratio is 1, so it has no effect in the paper's
+    setting).
 
     A rollout step is one MusicGen decoder step: the K codes drawn together at one position of the delayed layout
     (see `musicrl_trl.codebooks`). Rewards are sequence-level and are added at the last step.
+
+    The objective. MusicRL maximises, per rollout of A decoder steps with sequence reward R,
+
+        J = (1 - alpha) * sum_t log pi(a_t | s_t) * (R - V(s_t))  -  alpha * sum_t KL_t
+
+    with KL_t = KL(pi(. | s_t) || pi_anchor(. | s_t)) exact over the codebook. With ``kl_penalty="loss"`` (default) the
+    trainer minimises, averaged over steps and rollouts,
+
+        loss = pg_loss + kl_coef * KL_t + vf_coef * vf_loss,   pg_loss = -ratio_t * advantage_t  (clipped as PPO)
+
+    whose gradient is the paper's divided by (1 - alpha) when ``kl_coef = alpha / (1 - alpha)``, i.e.
+    ``alpha = kl_coef / (1 + kl_coef)`` (the factor 1 / (1 - alpha) = 1 + kl_coef only rescales the learning rate).
+    The KL term is differentiated analytically through the policy's full distribution at every step (no sampling
+    noise), and the value network regresses the score-only return R. With ``whiten_advantages`` (default) the
+    advantages are normalised over the batch first, so ``kl_coef`` weighs the KL against advantages of unit scale
+    whatever the reward's scale; set it to False for the paper's exact weighting. ``kl_penalty="reward"`` is TRL's
+    reward shaping instead: ``-kl_coef * KL_t`` is added to the reward of every step and enters the policy gradient
+    as a (noisy) return.
 
     Parameters that control generation:
         response_length (`int`, defaults to `253`): decoder steps per rollout (frames + K - 1; 50 frames = 1 s).
@@ -30,6 +49,10 @@ class MusicPPOConfig(PPOConfig):
             that is sampled (twice the compute).
         max_prompt_length (`int`, defaults to `256`): longest prompt in tokens; longer ones are an error.
 
+    `save_model` writes these into the saved ``generation_config.json`` (``do_sample``, ``guidance_scale``,
+    ``temperature``, ``top_k`` and ``max_new_tokens = response_length``), so that ``generate`` and
+    ``pipeline("text-to-audio")`` on the result sample from the distribution that was trained.
+
     Parameters that control the reward:
         reward_weights (`list[float]`, *optional*): one weight per reward function; all 1 if not set (MusicRL-R
             combines adherence and quality linearly).
@@ -37,13 +60,24 @@ class MusicPPOConfig(PPOConfig):
             (counted in `objective/dropped_samples`) instead of raising an error.
 
     Parameters that control the loss:
+        kl_penalty (`"loss"` or `"reward"`, defaults to `"loss"`): where the KL to the anchor enters (see above):
+            as an analytic loss term (MusicRL) or as a per-step reward penalty (TRL's shaping).
         kl_estimator (`"full"`, `"k1"` or `"k3"`, defaults to `"full"`): `"full"` is the exact KL summed over
-            the codebook at every step (MusicRL); `k1`/`k3` are TRL's one-sample estimators.
-        kl_coef (`float`, defaults to `0.05`): weight of the KL penalty (MusicRL's alpha).
+            the codebook at every step (MusicRL); `k1`/`k3` are TRL's one-sample estimators from the sampled codes.
+        kl_coef (`float`, defaults to `0.05`): weight of the KL term; MusicRL's alpha = kl_coef / (1 + kl_coef).
         num_ppo_epochs (`int`, defaults to `1`): gradient passes per rollout batch (MusicRL: 1).
         gamma (`float`, defaults to `1.0`), lam (`float`, defaults to `1.0`): discount and GAE lambda (MusicRL:
             undiscounted Monte-Carlo returns, i.e. both 1).
         whiten_advantages (`bool`, defaults to `True`): normalise advantages over the batch, as TRL does.
+
+    Parameters that control the optimisation:
+        learning_rate (`float`, defaults to `1e-5`): a starting point for full fine-tuning of musicgen-small; LoRA
+            usually wants about 10x more. Tiny test models learn at 1e-3 to 1e-2.
+        lr_scheduler_type (defaults to `"constant"`, no warmup): transformers' default linear decay to zero took
+            the reward gain of 100-update runs on the tiny model from 16-35 % (constant) down to 2-4 %; RL collects
+            new data until the end, so the step size is kept. A warmup (``constant_with_warmup``) spends its first
+            update at learning rate 0, a whole rollout for nothing; Adam's bias correction and ``max_grad_norm``
+            already bound the first steps. ``benchmarks/bench_kl_frontier.py`` measures the KL forms under it.
 
     Parameters that control the models:
         share_value_backbone (`bool`, defaults to `False`): put the value head on the policy's decoder instead of a
@@ -56,8 +90,17 @@ class MusicPPOConfig(PPOConfig):
             against step) and `log_history.json` to `output_dir` at the end of training.
 
     These parameters have other defaults than in TRL's `PPOConfig`: `temperature` 0.99, `num_ppo_epochs` 1,
-    `lam` 1.0, `kl_estimator` "full", `response_length` 253, `bf16` False and `gradient_checkpointing` False (the
-    tiny offline default runs on CPU), `logging_steps` 1, `per_device_train_batch_size` 4, `save_strategy` "no".
+    `lam` 1.0, `kl_estimator` "full", `response_length` 253, `learning_rate` 1e-5, `lr_scheduler_type`
+    "constant", `bf16` False and `gradient_checkpointing` False (the tiny
+    offline default runs on CPU), `logging_steps` 1, `per_device_train_batch_size` 4, `save_strategy` "no".
+
+    Logged metrics (TRL's names where they exist): `objective/scores` (mean combined reward), `objective/kl` (KL to
+    the anchor per rollout, nats, summed over steps, before the update), `objective/non_score_reward`
+    (-kl_coef * KL), `objective/rlhf_reward` (their sum, the regularised objective), `objective/entropy` (negative
+    log-likelihood of the sampled codes), `rewards/<name>/mean`, `policy/entropy_q{k}` (per codebook),
+    `policy/approxkl_avg`, `policy/clipfrac_avg`, `policy/first_ratio_max_error` (on-policy check, ~0),
+    `loss/policy_avg`, `loss/kl_avg` (the KL loss term, mean per step), `loss/value_avg`, `val/ratio`, `lr`,
+    and `timing/rollout_s`, `timing/rewards_s`, `timing/update_s` (seconds per phase of the update).
     """
 
     # Overridden defaults
@@ -67,6 +110,29 @@ class MusicPPOConfig(PPOConfig):
     )
     lam: float = field(default=1.0, metadata={"help": "GAE lambda (MusicRL: 1, Monte-Carlo returns)."})
     gamma: float = field(default=1.0, metadata={"help": "Discount factor (MusicRL: 1, undiscounted)."})
+    learning_rate: float = field(
+        default=1e-5,
+        metadata={"help": "Adam learning rate (full fine-tuning of musicgen-small; LoRA usually wants ~10x more)."},
+    )
+    lr_scheduler_type: str = field(
+        default="constant",
+        metadata={
+            "help": "Learning-rate schedule. RL keeps collecting new data until the end, so the step size is kept "
+            "(a linear decay to 0 took most of the learning of short runs away)."
+        },
+    )
+    kl_penalty: Literal["loss", "reward"] = field(
+        default="loss",
+        metadata={
+            "help": "Where the KL to the anchor enters: 'loss' = kl_coef * KL as an analytic loss term, "
+            "differentiated through the whole codebook (MusicRL); 'reward' = -kl_coef * KL added to every step's "
+            "reward (TRL's shaping)."
+        },
+    )
+    kl_coef: float = field(
+        default=0.05,
+        metadata={"help": "Weight of the KL to the anchor; MusicRL's alpha = kl_coef / (1 + kl_coef)."},
+    )
     kl_estimator: Literal["full", "k1", "k3"] = field(
         default="full",
         metadata={
@@ -126,6 +192,13 @@ class MusicPPOConfig(PPOConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        if self.kl_penalty not in ("loss", "reward"):
+            raise ValueError(
+                f"kl_penalty must be 'loss' (KL as an analytic loss term, MusicRL) or 'reward' (per-step reward "
+                f"penalty, TRL), got {self.kl_penalty!r}."
+            )
+        if self.kl_coef < 0 or self.kl_coef != self.kl_coef:
+            raise ValueError(f"kl_coef must be >= 0 (0 removes the anchor), got {self.kl_coef}.")
         if self.kl_estimator not in ("full", "k1", "k3"):
             raise ValueError(f"kl_estimator must be 'full', 'k1' or 'k3', got {self.kl_estimator!r}.")
         if self.audio_duration_s is not None and self.audio_duration_s <= 0:
