@@ -287,7 +287,7 @@ def test_a_failed_save_leaves_no_folder_and_a_stale_one_is_removed_at_start(tmp_
 
 
 # ---------------------------------------------------------------------------------------------- AudioRewardTrainer
-def _reward_trainer(output_dir: Path, **overrides):
+def _reward_trainer(output_dir: Path, with_eval: bool = False, **overrides):
     from musicrl_trl.reward_models import MusicRewardConfig, MusicRewardModel
     from musicrl_trl.trainers import AudioRewardConfig, AudioRewardTrainer
 
@@ -312,7 +312,12 @@ def _reward_trainer(output_dir: Path, **overrides):
         seed=0,
     )
     settings.update(overrides)
-    return AudioRewardTrainer(model=model, args=AudioRewardConfig(**settings), train_dataset=dataset)
+    return AudioRewardTrainer(
+        model=model,
+        args=AudioRewardConfig(**settings),
+        train_dataset=dataset,
+        eval_dataset=dataset if with_eval else None,
+    )
 
 
 def test_reward_trainer_checkpoints_are_atomic_rotated_and_resume_skips_a_partial_one(tmp_path, caplog):
@@ -339,6 +344,21 @@ def test_reward_trainer_checkpoints_are_atomic_rotated_and_resume_skips_a_partia
         _reward_trainer(output_dir).train(resume_from_checkpoint=str(output_dir / "checkpoint-4"))
 
 
+def test_reward_trainer_best_checkpoint_is_recorded_where_it_is_published(tmp_path):
+    # Trainer notes the best checkpoint while saving (into the staging folder here): the path it keeps, and the one
+    # in trainer_state.json, must be the published checkpoint-N, which load_best_model_at_end then loads.
+    output_dir = tmp_path / "rm"
+    trainer = _reward_trainer(
+        output_dir, with_eval=True, eval_strategy="steps", eval_steps=1, load_best_model_at_end=True,
+        save_total_limit=1, metric_for_best_model="loss", greater_is_better=False,
+    )  # fmt: skip
+    trainer.train()
+    best = trainer.state.best_model_checkpoint
+    assert best == str(output_dir / f"checkpoint-{trainer.state.best_global_step}")
+    assert checkpoint_problems(best) == [] and _staging(output_dir) == []
+    assert json.loads(Path(best, "trainer_state.json").read_text())["best_model_checkpoint"] == best
+
+
 def test_reward_trainer_failed_save_leaves_no_checkpoint_folder(tmp_path):
     trainer = _reward_trainer(tmp_path / "rm", save_total_limit=None)
 
@@ -351,3 +371,24 @@ def test_reward_trainer_failed_save_leaves_no_checkpoint_folder(tmp_path):
     with pytest.raises(OSError, match="No space left"):
         trainer.train()
     assert _steps(tmp_path / "rm") == [1, 2] and _staging(tmp_path / "rm") == []
+
+
+# ---------------------------------------------------------------------------------------------- two processes
+def test_two_processes_only_the_main_one_publishes_and_the_other_waits_for_the_rename(tmp_path):
+    output_dir = tmp_path / "run"
+    env = dict(os.environ, OMP_NUM_THREADS="1", TRL_EXPERIMENTAL_SILENCE="1", HF_HUB_OFFLINE="1")
+    env.update(ACCELERATE_USE_CPU="true", PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]))
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(SCRIPT), str(output_dir),
+        "--updates", "2", "--save-delay", "0.2", "--record-saves",
+    ]  # fmt: skip
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for rank in (0, 1):
+        seen = json.loads((output_dir / f"saves_seen_rank{rank}.json").read_text())
+        # When _save_checkpoint returns on any rank, checkpoint-N is already there and complete.
+        assert seen == [{"step": 1, "problems": []}, {"step": 2, "problems": []}], (rank, seen)
+    for step in (1, 2):
+        files = os.listdir(output_dir / f"checkpoint-{step}")
+        assert {"rng_state_0.pth", "rng_state_1.pth", "model.safetensors", "value_model.safetensors"} <= set(files)
+    assert _staging(output_dir) == []

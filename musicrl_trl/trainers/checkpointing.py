@@ -194,6 +194,8 @@ def find_resumable_checkpoint(output_dir: str, **requirements) -> str:
 
 def check_resumable(checkpoint_dir: str, **requirements) -> str:
     """``checkpoint_dir`` if it is complete, else a ``ValueError`` that names what is missing or broken."""
+    if not os.path.isdir(checkpoint_dir):
+        raise ValueError(f"Cannot resume from {checkpoint_dir}: it is not a directory.")
     problems = checkpoint_problems(checkpoint_dir, **requirements)
     if problems:
         raise ValueError(
