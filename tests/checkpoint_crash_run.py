@@ -1,4 +1,5 @@
-"""A tiny MusicPPOTrainer run that saves after every update, for the crash tests in test_checkpointing.py.
+"""A tiny MusicPPOTrainer (or ``--reward``: AudioRewardTrainer) run that saves after every update, for the crash
+tests in test_checkpointing.py.
 
     python tests/checkpoint_crash_run.py OUT --updates 12 --save-delay 0.15 [--resume [PATH]] [--save-total-limit 2]
 
@@ -19,8 +20,9 @@ import torch
 from datasets import Dataset
 from transformers import TrainerCallback
 
+from musicrl_trl.reward_models import MusicRewardConfig, MusicRewardModel
 from musicrl_trl.testing import tiny_musicgen
-from musicrl_trl.trainers import MusicPPOConfig, MusicPPOTrainer
+from musicrl_trl.trainers import AudioRewardConfig, AudioRewardTrainer, MusicPPOConfig, MusicPPOTrainer
 from musicrl_trl.trainers.checkpointing import checkpoint_problems
 
 PROMPTS = ["bright shimmering bells", "deep dark bass", "happy upbeat tune", "slow sad piano", "fast drums"]
@@ -30,7 +32,7 @@ def loudness(prompts, audio, sampling_rate, codes, **kwargs):
     return audio.pow(2).mean((1, 2)).sqrt()
 
 
-class SlowSavingTrainer(MusicPPOTrainer):
+class SlowSaves:
     """Sleeps after each group of files a checkpoint save writes (the test's way to make saves slow)."""
 
     save_delay_s = 0.0
@@ -48,16 +50,24 @@ class SlowSavingTrainer(MusicPPOTrainer):
         time.sleep(self.save_delay_s)
 
 
+class SlowSavingTrainer(SlowSaves, MusicPPOTrainer):
+    pass
+
+
+class SlowSavingRewardTrainer(SlowSaves, AudioRewardTrainer):
+    pass
+
+
 class RecordSaves(TrainerCallback):
     """On every rank, right after a save: is ``checkpoint-N`` already complete (the rename happened)?"""
 
-    def __init__(self, output_dir: str, rank: int):
-        self.output_dir, self.rank, self.seen = output_dir, rank, []
+    def __init__(self, output_dir: str, rank: int, extra_files: list[str]):
+        self.output_dir, self.rank, self.extra_files, self.seen = output_dir, rank, extra_files, []
 
     def on_save(self, args, state, control, **kwargs):
         path = os.path.join(self.output_dir, f"checkpoint-{state.global_step}")
         self.seen.append(
-            {"step": state.global_step, "problems": checkpoint_problems(path, extra_files=["value_model.safetensors"])}
+            {"step": state.global_step, "problems": checkpoint_problems(path, extra_files=self.extra_files)}
         )
         with open(os.path.join(self.output_dir, f"saves_seen_rank{self.rank}.json"), "w") as f:
             json.dump(self.seen, f)
@@ -72,11 +82,39 @@ def parse_args(argv=None):
     parser.add_argument("--save-total-limit", type=int, default=None)
     parser.add_argument("--resume", nargs="?", const=True, default=None, help="a checkpoint path; alone: True")
     parser.add_argument("--record-saves", action="store_true")
+    parser.add_argument("--reward", action="store_true", help="train a tiny reward model instead")
     return parser.parse_args(argv)
+
+
+def reward_trainer(options) -> SlowSavingRewardTrainer:
+    torch.manual_seed(0)
+    model = MusicRewardModel(MusicRewardConfig(conv_channels=[4], hidden_size=8, sampling_rate=16_000))
+    generator = torch.Generator().manual_seed(0)
+    clips = [
+        {"array": (torch.rand(1600, generator=generator) * 0.2).numpy(), "sampling_rate": 16_000} for _ in range(16)
+    ]
+    args = AudioRewardConfig(
+        output_dir=options.output_dir,
+        per_device_train_batch_size=options.batch_size,
+        max_steps=options.updates,
+        learning_rate=1e-2,
+        logging_steps=1,
+        save_strategy="steps",
+        save_steps=1,
+        save_total_limit=options.save_total_limit,
+        report_to="none",
+        disable_tqdm=True,
+        seed=0,
+    )
+    dataset = Dataset.from_dict({"audio": clips, "mos": [1.0 + (i % 5) for i in range(16)]})
+    return SlowSavingRewardTrainer(model=model, args=args, train_dataset=dataset)
 
 
 def main(argv=None, trainer_class: type[SlowSavingTrainer] = SlowSavingTrainer) -> MusicPPOTrainer:
     options = parse_args(argv)
+    if options.reward:
+        trainer = reward_trainer(options)
+        return run(trainer, options, extra_files=[], metric="loss")
     model, processor = tiny_musicgen()
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     args = MusicPPOConfig(
@@ -96,12 +134,16 @@ def main(argv=None, trainer_class: type[SlowSavingTrainer] = SlowSavingTrainer) 
     trainer = trainer_class(
         args, processor, model, reward_model=loudness, train_dataset=Dataset.from_dict({"prompt": PROMPTS})
     )
+    return run(trainer, options, extra_files=["value_model.safetensors"], metric="objective/scores")
+
+
+def run(trainer, options, extra_files: list[str], metric: str):
     trainer.save_delay_s = options.save_delay
     if options.record_saves:
-        trainer.add_callback(RecordSaves(options.output_dir, trainer.accelerator.process_index))
+        trainer.add_callback(RecordSaves(options.output_dir, trainer.accelerator.process_index, extra_files))
     trainer.train(resume_from_checkpoint=options.resume)
     if trainer.accelerator.is_main_process:
-        logs = [entry for entry in trainer.state.log_history if "objective/scores" in entry]
+        logs = [entry for entry in trainer.state.log_history if metric in entry]
         with open(os.path.join(options.output_dir, "final_log.json"), "w") as f:
             json.dump(logs, f)
     return trainer
