@@ -100,6 +100,7 @@ def _scores(logs: list[dict]) -> dict[int, float]:
 
 
 # ---------------------------------------------------------------------------------------------- SIGKILL
+@pytest.mark.slow
 def test_sigkill_at_random_moments_resumes_to_the_scores_of_an_uninterrupted_run(tmp_path):
     updates, num_kills = 10, 4
     flags = ["--updates", str(updates), "--save-total-limit", "2"]
@@ -151,6 +152,7 @@ def test_sigkill_at_random_moments_resumes_to_the_scores_of_an_uninterrupted_run
     print(f"survived {len(kills)} SIGKILLs, {len(killed_mid_save)} during a save (seed {seed}): {kills}")
 
 
+@pytest.mark.slow
 def test_save_total_limit_1_and_a_kill_during_the_second_save_leave_the_first_checkpoint_usable(tmp_path, caplog):
     output_dir, log = tmp_path / "run", tmp_path / "run.log"
     output_dir.mkdir()
@@ -377,6 +379,7 @@ def test_reward_trainer_failed_save_leaves_no_checkpoint_folder(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- two processes
+@pytest.mark.slow
 def test_two_processes_only_the_main_one_publishes_and_the_other_waits_for_the_rename(tmp_path):
     # AudioRewardTrainer: MusicPPOTrainer's checkpoint saves under DDP also need the DDP-safe save_model and model
     # card of issues 9 and 10 (TRL's card reads self.model.config); the publishing code is the same mixin.
