@@ -160,23 +160,23 @@ def list_checkpoints(output_dir: str) -> list[tuple[int, str]]:
     return sorted(found)
 
 
-def find_resumable_checkpoint(output_dir: str, **requirements) -> str:
+def find_resumable_checkpoint(output_dir: str, log: bool = True, **requirements) -> str:
     """The newest complete ``checkpoint-N`` in ``output_dir`` (``requirements`` as in :func:`checkpoint_problems`).
 
-    Logs which checkpoint it takes and, as a warning, every newer one it skipped and why. Raises ``ValueError`` when
-    no checkpoint is complete.
+    Logs (with ``log``) which checkpoint it takes and, as a warning, every newer one it skipped and why. Raises
+    ``ValueError`` when no checkpoint is complete.
     """
     skipped = []
     for _, path in reversed(list_checkpoints(output_dir)):
         problems = checkpoint_problems(path, **requirements)
         if not problems:
-            if skipped:
+            if skipped and log:
                 logger.warning(
                     "Resuming from %s, the newest complete checkpoint; skipped %s",
                     path,
                     "; ".join(f"{os.path.basename(p)} ({', '.join(why)})" for p, why in skipped),
                 )
-            else:
+            elif log:
                 logger.info("Resuming from %s.", path)
             return path
         skipped.append((path, problems))
@@ -312,7 +312,10 @@ class CrashSafeCheckpointsMixin:
         """``True``: the newest complete checkpoint in ``output_dir``; a path: that checkpoint, if complete."""
         requirements = self._checkpoint_requirements()
         if resume_from_checkpoint is True:
-            return find_resumable_checkpoint(self.args.output_dir, **requirements)
+            # Every process looks (they all load the checkpoint); the main one says what it found.
+            return find_resumable_checkpoint(
+                self.args.output_dir, log=self.accelerator.is_main_process, **requirements
+            )
         return check_resumable(str(resume_from_checkpoint), **requirements)
 
     def _save_checkpoint_extras(self, checkpoint_dir: str) -> None:
