@@ -51,6 +51,7 @@ from ..rollout import (
     sampling_log_dist,
     unwrap_musicgen,
 )
+from .checkpointing import CrashSafeCheckpointsMixin
 from .ppo_config import MusicPPOConfig
 
 __all__ = ["MusicPPOTrainer", "MusicValueModel", "MusicPolicyAndValue", "zero_dropout"]
@@ -183,7 +184,7 @@ def _collate_prompts(rows: list[dict]) -> dict[str, list[str]]:
     return {"prompt": [row["prompt"] for row in rows]}
 
 
-class MusicPPOTrainer(PPOTrainer):
+class MusicPPOTrainer(CrashSafeCheckpointsMixin, PPOTrainer):
     """RL fine-tuning of a MusicGen policy on sequence-level audio rewards, as in MusicRL.
 
     Args:
@@ -202,6 +203,7 @@ class MusicPPOTrainer(PPOTrainer):
     """
 
     _tag_names = ["trl", "ppo", "musicrl", "musicgen", "text-to-audio"]
+    checkpoint_extra_files = (VALUE_WEIGHTS_NAME,)  # what _resume needs besides Trainer's files
     _name = "MusicPPO"
     _paper = {
         "title": "MusicRL: Aligning Music Generation to Human Preferences",
@@ -286,6 +288,7 @@ class MusicPPOTrainer(PPOTrainer):
             self.ref_model.eval().requires_grad_(False)
         self.audio_channels = unwrap_musicgen(self.policy_model).decoder.config.audio_channels
         self.reward_names = [self._reward_name(r) for r in self.reward_funcs]
+        self._remove_stale_checkpoint_staging()
 
     # ------------------------------------------------------------------ checks
     @staticmethod
@@ -641,25 +644,17 @@ class MusicPPOTrainer(PPOTrainer):
         )
         return config
 
-    def _save_checkpoint(self, model, trial):
-        super()._save_checkpoint(model, trial)
-        checkpoint_dir = os.path.join(self.args.output_dir, f"checkpoint-{self.state.global_step}")
-        if self.accelerator.is_main_process:
+    def _save_checkpoint_extras(self, checkpoint_dir: str) -> None:
+        # Called inside the staged checkpoint folder, before it is renamed to checkpoint-N (see checkpointing.py).
+        if self.args.should_save:
             # save_model de-duplicates tied tensors (T5's shared embeddings) that save_file refuses.
             value_model = self.accelerator.unwrap_model(self.model).value_model
             save_model(value_model, os.path.join(checkpoint_dir, VALUE_WEIGHTS_NAME))
 
     def _resume(self, checkpoint: str | bool) -> None:
         """Restore policy, value model, optimizer, scheduler, RNG and trainer state from a checkpoint directory
-        (``True``: the latest ``checkpoint-*`` in ``output_dir``)."""
-        from transformers.trainer_utils import get_last_checkpoint
-
-        if checkpoint is True:
-            checkpoint = get_last_checkpoint(self.args.output_dir)
-            if checkpoint is None:
-                raise ValueError(f"resume_from_checkpoint=True but {self.args.output_dir} holds no checkpoint-*.")
-        if not os.path.isdir(checkpoint):
-            raise ValueError(f"checkpoint {checkpoint!r} is not a directory.")
+        (``True``: the newest complete ``checkpoint-*`` in ``output_dir``; incomplete ones are skipped and logged)."""
+        checkpoint = self._resolve_resume_checkpoint(checkpoint)
         unwrapped = self.accelerator.unwrap_model(self.model)
         if self.is_peft_model:
             from peft import set_peft_model_state_dict

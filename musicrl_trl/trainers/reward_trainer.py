@@ -66,6 +66,7 @@ from transformers.trainer_utils import EvalPrediction
 from ..audio import MAX_SAMPLING_RATE, MIN_SAMPLING_RATE, check_sampling_rate, resample
 from ..reward_models.modeling_music_reward import MusicRewardModel
 from ..reward_models.token_preference import MusicTokenPreferenceModel
+from .checkpointing import CrashSafeCheckpointsMixin
 from .reward_config import AudioRewardConfig
 
 __all__ = ["AudioRewardTrainer", "DataCollatorForAudioReward", "compute_reward_metrics"]
@@ -438,7 +439,7 @@ def _load_model(name: str, args: AudioRewardConfig) -> PreTrainedModel:
     return AutoModelForAudioClassification.from_pretrained(name, **kwargs)
 
 
-class AudioRewardTrainer(Trainer):
+class AudioRewardTrainer(CrashSafeCheckpointsMixin, Trainer):
     """Trainer for audio reward models from pairwise preferences (Bradley-Terry) or MOS ratings (regression).
 
     Args:
@@ -580,6 +581,14 @@ class AudioRewardTrainer(Trainer):
         self._metrics: dict[str, list[float]] = defaultdict(list)
         if isinstance(self.model, PreTrainedModel):
             self.model.add_model_tags(self._tag_names)
+        self._remove_stale_checkpoint_staging()
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, ignore_keys_for_eval=None):
+        """``Trainer.train``; ``resume_from_checkpoint=True`` takes the newest *complete* checkpoint (Trainer takes
+        the highest-numbered folder, finished or not); a checkpoint path must be complete (see checkpointing.py)."""
+        if resume_from_checkpoint:
+            resume_from_checkpoint = self._resolve_resume_checkpoint(resume_from_checkpoint)
+        return super().train(resume_from_checkpoint, trial, ignore_keys_for_eval)
 
     # ---- setup helpers ---------------------------------------------------------------------------------------------
 
