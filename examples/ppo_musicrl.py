@@ -48,6 +48,7 @@ from musicrl_trl.cli import (
     own_fields,
     parse_name_values,
     resolve_resume,
+    write_run_config,
 )
 from musicrl_trl.loading import ModelLoadingError, load_pretrained
 from musicrl_trl.lora import MUSICGEN_LORA_TARGET_MODULES, lora_value_model
@@ -149,10 +150,13 @@ def check_models(script_args: ScriptArguments, model_args: ModelConfig, recipe: 
     """Every model of the run (policy, anchor, rewards) can be loaded: checked before any is (ModelLoadingError)."""
     models = {"policy": model_args.model_name_or_path, "KL anchor": anchor_of(script_args, model_args, recipe)}
     overrides = reward_overrides(script_args, recipe)
-    if recipe is not None:
-        check_recipe_models(recipe, models, **overrides)
-    else:
-        check_recipe_models({"reward_models": [], "name": "this run"}, models)
+    try:
+        check_recipe_models(recipe or {"reward_models": [], "name": "this run"}, models, **overrides)
+    except ModelLoadingError as error:
+        raise ModelLoadingError(
+            f"{error}\nPoint the policy elsewhere with --model_name_or_path, the anchor with --ref_model, and a "
+            "recipe's reward with --reward_model NAME=PATH_OR_ID."
+        ) from None
 
 
 def reward_overrides(script_args: ScriptArguments, recipe: dict | None) -> dict[str, dict[str, str]]:
@@ -230,6 +234,8 @@ def main():
         resume = resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir)
     except (ModelLoadingError, ValueError) as error:
         sys.exit(f"error: {error}")
+    if training_args.should_save:
+        write_run_config(training_args.output_dir, script=script_args, training=training_args, model=model_args)
 
     model, processor = load_policy(model_args)
     train_dataset = load_prompts(script_args)

@@ -17,9 +17,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
+
+from transformers import TrainingArguments
 
 __all__ = [
     "PPO_FIELDS_NOT_USED",
@@ -30,6 +33,7 @@ __all__ = [
     "own_fields",
     "parse_name_values",
     "resolve_resume",
+    "write_run_config",
 ]
 
 #: TRL ``PPOConfig`` fields that ``MusicPPOTrainer`` never reads: settings of text generation and of TRL's own
@@ -204,3 +208,21 @@ def resolve_resume(value: str | bool | None, output_dir: str) -> str | bool | No
             "--output_dir."
         )
     return value
+
+
+def write_run_config(output_dir: str, **configs: Any) -> str:
+    """Write the effective settings of a run (after recipe, config file, flags and script defaults) to
+    ``<output_dir>/run_config.json`` as ``{name: {field: value}}``; returns the file's path.
+
+    ``configs`` are dataclass instances by name (``script=..., training=..., model=...``); ``TrainingArguments``
+    are written with their own ``to_dict`` (enums as strings, tokens redacted).
+    """
+    os.makedirs(output_dir, exist_ok=True)
+    payload = {
+        name: config.to_dict() if isinstance(config, TrainingArguments) else dataclasses.asdict(config)
+        for name, config in configs.items()
+    }
+    path = os.path.join(output_dir, "run_config.json")
+    with open(path, "w", encoding="utf-8") as handle:
+        json.dump(payload, handle, indent=2, default=str)
+    return path

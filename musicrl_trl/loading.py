@@ -36,7 +36,14 @@ from huggingface_hub.errors import (
 )
 from huggingface_hub.utils import validate_repo_id
 
-__all__ = ["ModelLoadingError", "check_safetensors_file", "check_weights", "load_pretrained", "resolve_pretrained"]
+__all__ = [
+    "ModelLoadingError",
+    "check_safetensors_file",
+    "check_weights",
+    "is_local_path",
+    "load_pretrained",
+    "resolve_pretrained",
+]
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -58,7 +65,7 @@ def _with_hint(message: str, hint: str | None) -> str:
     return f"{message} {hint}" if hint else message
 
 
-def _is_local_path(name: str) -> bool:
+def is_local_path(name: str) -> bool:
     """True if ``name`` can only mean a local path: absolute, ``./``-relative, ``~``, or not a valid Hub repo id."""
     if os.path.isabs(name) or name.startswith(("./", "../", "~", ".\\", "..\\")) or name in (".", ".."):
         return True
@@ -151,7 +158,7 @@ def resolve_pretrained(
         raise ModelLoadingError(
             f"{what}: {name!r} is a file; pass the folder that holds the model (its config.json and weights)."
         )
-    if _is_local_path(name):
+    if is_local_path(name):
         raise ModelLoadingError(
             _with_hint(f"{what}: the local path {name!r} does not exist (working directory: {os.getcwd()}).", hint)
         )
