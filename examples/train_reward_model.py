@@ -345,5 +345,5 @@ if __name__ == "__main__":
     script_args, training_args = parser.parse_args_and_config()
     try:
         main(script_args, training_args)
-    except (ModelLoadingError, FileNotFoundError) as error:
+    except (ModelLoadingError, FileNotFoundError, ValueError) as error:  # messages that say what to fix
         sys.exit(f"error: {error}")

@@ -333,24 +333,30 @@ def check_recipe_models(
         recipe = load_recipe(recipe)
     make_commands = recipe.get("make_commands") or {}
 
-    def hint(source: str) -> str | None:
-        command = make_commands.get(source)
-        return f"The recipe makes it with: `{command}`." if command else None
+    def hint(source: str, original: str | None) -> str | None:
+        if make_commands.get(source):
+            return f"The recipe makes it with: `{make_commands[source]}`."
+        if make_commands.get(original):
+            return f"The recipe makes its own model for this ({original!r}) with: `{make_commands[original]}`."
+        return None
 
-    to_check = [(role, source) for role, source in (models or {}).items() if source is not None]
+    # (role, source, the recipe's own source for that role: its make_commands entry still applies when overridden)
+    to_check = [(role, source, source) for role, source in (models or {}).items() if source is not None]
+    recipe_kwargs = dict(_reward_kwargs(recipe, {}))
     for name, kwargs in _reward_kwargs(recipe, overrides):
         for key in MODEL_KWARGS:
             source = kwargs.get(key)
             if isinstance(source, (str, os.PathLike)):
-                to_check.append((f"{name} reward ({key})", os.fspath(source)))
+                original = recipe_kwargs[name].get(key)
+                to_check.append((f"{name} reward ({key})", os.fspath(source), original))
     problems, resolved = [], {}
-    for role, source in to_check:
+    for role, source, original in to_check:
         if role.endswith("(tokenizer)"):
             model = resolved.get(role.replace("(tokenizer)", "(model)"))
             if model is not None and _is_audio_space_reward_model(model):
                 continue  # an audio-space preference model reads no tokens: PreferenceReward ignores the tokenizer
         try:
-            resolved[role] = resolve_pretrained(source, role, hint(source))
+            resolved[role] = resolve_pretrained(source, role, hint(source, original))
         except ModelLoadingError as error:
             problems.append(str(error))
     if problems:
