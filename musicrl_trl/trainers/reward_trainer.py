@@ -64,6 +64,7 @@ from transformers import (
 from transformers.trainer_utils import EvalPrediction
 
 from ..audio import MAX_SAMPLING_RATE, MIN_SAMPLING_RATE, check_sampling_rate, resample
+from ..loading import resolve_pretrained
 from ..reward_models.modeling_music_reward import MusicRewardModel
 from ..reward_models.token_preference import MusicTokenPreferenceModel
 from .reward_config import AudioRewardConfig
@@ -440,6 +441,7 @@ def disable_dropout(model: nn.Module) -> None:
 def _load_model(name: str, args: AudioRewardConfig) -> PreTrainedModel:
     """A reward model from a checkpoint id/path: a MusicGen checkpoint gives the token-space preference model."""
     kwargs = dict(args.model_init_kwargs or {})
+    name = resolve_pretrained(name, "reward model to train")  # a missing path or corrupt weights, said plainly
     model_type = PreTrainedConfig.get_config_dict(name)[0].get("model_type")
     if model_type == "musicgen":
         return MusicTokenPreferenceModel.from_musicgen(name, **kwargs)
