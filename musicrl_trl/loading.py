@@ -145,8 +145,9 @@ def resolve_pretrained(
         hint: appended to messages about a missing model (e.g. the command that trains it).
         revision: Hub revision (branch, tag or commit).
 
-    Returns ``name_or_path`` itself for a local folder or a reachable Hub model, or the cached snapshot folder when
-    the Hub cannot be reached but the model is cached. Local folders (and cached snapshots) also get their
+    Returns ``name_or_path`` itself for a local folder, a reachable Hub model or (with ``HF_HUB_OFFLINE=1``) a cached
+    one, or the cached snapshot folder when the Hub cannot be reached but the model is cached (so that loading does
+    not retry every file). Local folders (and cached snapshots) also get their
     safetensors files checked (:func:`check_weights`).
     """
     name = os.fspath(name_or_path)
@@ -167,7 +168,7 @@ def resolve_pretrained(
     if constants.HF_HUB_OFFLINE:
         if cached is not None:
             check_weights(cached, what)
-            return cached
+            return name  # offline, transformers reads the cache without retrying; the id stays the model's name
         raise ModelLoadingError(
             _with_hint(
                 f"{what}: {name!r} is neither a local folder (working directory: {os.getcwd()}) nor in the Hugging "

@@ -171,3 +171,19 @@ def test_help_lists_music_fields_first_and_hides_text_only_fields(capsys, monkey
     words = " ".join(text.split())  # argparse wraps help lines
     assert "given alone it implies --save_strategy steps" in words and "q_proj k_proj v_proj out_proj fc1 fc2" in words
     assert os.linesep.join(text.splitlines()[:1]).startswith("usage: accelerate launch examples/ppo_musicrl.py")
+
+
+def test_offline_cached_models_load_by_id_and_corrupt_cached_files_are_named(tmp_path, monkeypatch):
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    repo = tmp_path / "cache" / "models--org--model"
+    snapshot = repo / "snapshots" / ("a" * 40)
+    snapshot.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("a" * 40)
+    (snapshot / "config.json").write_text("{}")
+    (snapshot / "model.safetensors").write_bytes(safetensors_bytes())
+    assert resolve_pretrained("org/model", "policy") == "org/model"
+    (snapshot / "model.safetensors").write_bytes(safetensors_bytes()[:-3])
+    with pytest.raises(ModelLoadingError, match="policy: the weights file .*models--org--model.* is corrupt"):
+        resolve_pretrained("org/model", "policy")
