@@ -132,7 +132,6 @@ def test_recipe_training_values_flag_overrides_save_steps_and_resume(tmp_path):
     assert [resumed[step] for step in (3, 4)] == pytest.approx([uninterrupted[step] for step in (3, 4)], abs=1e-6)
 
 
-
 def test_use_peft_without_target_modules_targets_decoder_projections(tmp_path):
     result = ok(run([PPO, "--use_peft", "--total_episodes", "4", "--response_length", "8", *SMALL,
                      "--output_dir", "lora"], tmp_path))  # fmt: skip
