@@ -132,14 +132,24 @@ def test_recipe_training_values_flag_overrides_save_steps_and_resume(tmp_path):
     assert [resumed[step] for step in (3, 4)] == pytest.approx([uninterrupted[step] for step in (3, 4)], abs=1e-6)
 
 
-def test_use_peft_without_target_modules_targets_decoder_projections(tmp_path):
-    result = ok(run([PPO, "--use_peft", "--total_episodes", "4", "--response_length", "8", *SMALL,
-                     "--output_dir", "lora"], tmp_path))  # fmt: skip
+def test_use_peft_without_target_modules_targets_decoder_projections_and_resumes(tmp_path):
+    """LoRA on the policy and on the value network by default; a LoRA run resumes to the same later update."""
+    flags = ["--use_peft", "--total_episodes", "8", "--response_length", "8", "--save_steps", "1", *SMALL]
+    result = ok(run([PPO, *flags, "--output_dir", "lora"], tmp_path))
     adapter = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
     expected = {"q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"}
     assert set(adapter["target_modules"]) == expected
     assert set(run_config(tmp_path / "lora")["model"]["lora_target_modules"]) == expected
     assert "mean reward, last" in result.stdout
+
+    shutil.copytree(tmp_path / "lora" / "checkpoint-1", tmp_path / "resumed" / "checkpoint-1")
+    ok(run([PPO, *flags, "--output_dir", "resumed", "--resume_from_checkpoint", "resumed/checkpoint-1"], tmp_path))
+    last = {}
+    for name in ("lora", "resumed"):
+        history = json.loads((tmp_path / name / "log_history.json").read_text())
+        last[name] = next(entry for entry in history if entry.get("step") == 2 and "objective/scores" in entry)
+    for key in ("objective/scores", "objective/kl", "loss/value_avg"):  # the value network's adapters came back too
+        assert last["resumed"][key] == pytest.approx(last["lora"][key], abs=1e-6), key
 
 
 class FakeHub(BaseHTTPRequestHandler):
