@@ -7,14 +7,23 @@ Offline demo (no arguments: the tiny random MusicGen, built-in prompts, a signal
 A real run (downloads facebook/musicgen-small and the recipe's reward models), LoRA on the decoder:
 
     accelerate launch examples/ppo_musicrl.py \
-        --model_name_or_path facebook/musicgen-small --recipe examples/recipes/musicrl_r.yaml \
+        --recipe examples/recipes/musicrl_r.yaml --reward_model quality=ast-music-mos \
         --dataset_name my-org/music-prompts --use_peft --lora_r 16 --lora_alpha 32 \
-        --lora_target_modules q_proj k_proj v_proj out_proj fc1 fc2 \
         --per_device_train_batch_size 8 --total_episodes 80000 --learning_rate 1e-5 \
-        --guidance_scale 3 --output_dir musicrl-r-musicgen-small
+        --guidance_scale 3 --save_steps 500 --output_dir musicrl-r-musicgen-small
 
 Recipes (examples/recipes/*.yaml): musicrl_r (text adherence + quality), musicrl_u (user preference), musicrl_ru
-(preference, anchored to a MusicRL-R checkpoint). Command-line flags override a recipe's `training:` values.
+(preference, anchored to a MusicRL-R checkpoint). A recipe sets the policy (`model_name_or_path`), the rewards and
+MusicPPOConfig values (`training:`); flags given on the command line override all of them, e.g. `--temperature 0.7`
+or `--reward_model quality=./my-mos-model` (a local folder or another Hub id for the reward named `quality`). Every
+model is checked before any is loaded: a missing one is reported with the command that makes it.
+
+`--use_peft` without `--lora_target_modules` targets MusicGen's decoder attention and MLP projections
+(q_proj k_proj v_proj out_proj fc1 fc2), on the policy and, with a separate value network, on the value network too.
+
+Checkpoints: `--save_steps N` saves every N updates (it implies `--save_strategy steps`). An interrupted run continues
+at its last saved update with `--resume_from_checkpoint true` (same `--output_dir`) or `--resume_from_checkpoint
+PATH/checkpoint-N`; pass the same flags as the first run.
 """
 
 from __future__ import annotations
@@ -31,8 +40,21 @@ from transformers import MusicgenForConditionalGeneration, MusicgenProcessor
 from trl import ModelConfig, TrlParser, get_peft_config, get_quantization_config
 
 from musicrl_trl import MusicPPOConfig, MusicPPOTrainer
+from musicrl_trl.cli import (
+    PPO_FIELDS_THAT_MATTER,
+    apply_recipe_defaults,
+    explicit_options,
+    layout_help,
+    option_value,
+    own_fields,
+    parse_name_values,
+    resolve_resume,
+    write_run_config,
+)
+from musicrl_trl.loading import ModelLoadingError, load_pretrained
+from musicrl_trl.lora import MUSICGEN_LORA_TARGET_MODULES, lora_value_model
 from musicrl_trl.reward_models import LoudnessReward
-from musicrl_trl.reward_models.combination import load_recipe, rewards_from_recipe
+from musicrl_trl.reward_models.combination import check_recipe_models, load_recipe, rewards_from_recipe
 from musicrl_trl.testing import tiny_musicgen
 
 DEMO_PROMPTS = [
@@ -61,22 +83,114 @@ class ScriptArguments:
         default=None,
         metadata={"help": "Reward recipe YAML (examples/recipes/musicrl_r.yaml, ...); default: the demo's loudness."},
     )
+    reward_model: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "NAME=PATH_OR_ID: load the recipe's reward NAME from a local folder or another Hub id "
+            "(repeatable: --reward_model quality=./mos text_adherence=./clap)."
+        },
+    )
     ref_model: str | None = field(
         default=None, metadata={"help": "KL anchor (id or path); default: the recipe's, else the starting policy."}
     )
+
+
+# Inherited fields whose TrainingArguments/ModelConfig help does not say what they do in this script.
+HELP_TEXTS = {
+    "save_steps": "Save a checkpoint (policy, value network, optimizer, RNG) every N updates; given alone it implies "
+    "--save_strategy steps. (default: 500, used only with --save_strategy steps)",
+    "resume_from_checkpoint": "Continue an interrupted run at its last saved update: a checkpoint-N folder, or `true` "
+    "for the latest one in --output_dir. Pass the first run's other flags too.",
+    "lora_target_modules": "Modules that get LoRA adapters; default with --use_peft: MusicGen's decoder attention "
+    "and MLP projections q_proj k_proj v_proj out_proj fc1 fc2 (the policy's, and the value network's).",
+    "model_name_or_path": "Policy to start from (Hub id or local folder); default: the recipe's, else the tiny "
+    "offline MusicGen of the demo.",
+}
+
+
+def parse_arguments(argv: list[str] | None = None) -> tuple[ScriptArguments, MusicPPOConfig, ModelConfig, dict | None]:
+    """Flags > `--config` file > the recipe's `training:` block and policy > dataclass defaults; `--help` grouped."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = TrlParser(
+        (ScriptArguments, MusicPPOConfig, ModelConfig),
+        usage="accelerate launch examples/ppo_musicrl.py [--recipe YAML] [--model_name_or_path ID_OR_PATH] [options]",
+    )
+    layout_help(
+        parser,
+        [
+            ("script options", own_fields(ScriptArguments)),
+            ("music RL options (MusicPPOConfig)", own_fields(MusicPPOConfig) + list(PPO_FIELDS_THAT_MATTER)),
+            ("model and LoRA options (TRL ModelConfig)", own_fields(ModelConfig)),
+        ],
+        help_texts=HELP_TEXTS,
+    )
+    recipe_path = option_value(argv, "--recipe")
+    recipe = load_recipe(recipe_path) if recipe_path else None
+    if recipe is not None:
+        apply_recipe_defaults(parser, recipe)
+    given = explicit_options(parser, argv)
+    if "save_steps" in given and "save_strategy" not in given:
+        parser.set_defaults_with_config(save_strategy="steps")  # `--save_steps N` alone used to save nothing
+    script_args, training_args, model_args = parser.parse_args_and_config(argv)
+    if model_args.use_peft and not model_args.lora_target_modules:
+        model_args.lora_target_modules = list(MUSICGEN_LORA_TARGET_MODULES)
+    return script_args, training_args, model_args, recipe
+
+
+def anchor_of(script_args: ScriptArguments, model_args: ModelConfig, recipe: dict | None) -> str | None:
+    """The KL anchor: `--ref_model`, else the recipe's. A recipe anchored to its own starting checkpoint (MusicRL-RU)
+    stays anchored to the policy's starting point when `--model_name_or_path` moves it."""
+    if script_args.ref_model or recipe is None:
+        return script_args.ref_model
+    if recipe["ref_model"] is not None and recipe["ref_model"] == recipe.get("model_name_or_path"):
+        return model_args.model_name_or_path
+    return recipe["ref_model"]
+
+
+def check_models(script_args: ScriptArguments, model_args: ModelConfig, recipe: dict | None) -> None:
+    """Every model of the run (policy, anchor, rewards) can be loaded: checked before any is (ModelLoadingError)."""
+    models = {"policy": model_args.model_name_or_path, "KL anchor": anchor_of(script_args, model_args, recipe)}
+    overrides = reward_overrides(script_args, recipe)
+    try:
+        check_recipe_models(recipe or {"reward_models": [], "name": "this run"}, models, **overrides)
+    except ModelLoadingError as error:
+        raise ModelLoadingError(
+            f"{error}\nPoint the policy elsewhere with --model_name_or_path, the anchor with --ref_model, and a "
+            "recipe's reward with --reward_model NAME=PATH_OR_ID."
+        ) from None
+
+
+def reward_overrides(script_args: ScriptArguments, recipe: dict | None) -> dict[str, dict[str, str]]:
+    """`--reward_model NAME=PATH` as per-reward keyword overrides, NAME checked against the recipe's rewards."""
+    models = parse_name_values(script_args.reward_model, "--reward_model")
+    if models and recipe is None:
+        raise ValueError("--reward_model changes a recipe's reward models: pass --recipe as well.")
+    names = [entry.get("name") for entry in (recipe or {}).get("reward_models", [])]
+    unknown = sorted(set(models) - set(names))
+    if unknown:
+        raise ValueError(f"--reward_model: the recipe has no reward named {unknown}; its rewards are {names}.")
+    return {name: {"model": path} for name, path in models.items()}
 
 
 def load_policy(model_args: ModelConfig):
     if model_args.model_name_or_path is None:
         return tiny_musicgen(seed=0)  # the embedded offline default
     quantization = get_quantization_config(model_args)
-    model = MusicgenForConditionalGeneration.from_pretrained(
+    model = load_pretrained(
+        MusicgenForConditionalGeneration.from_pretrained,
         model_args.model_name_or_path,
+        "policy",
         revision=model_args.model_revision,
         quantization_config=quantization,
         dtype=model_args.dtype if model_args.dtype in (None, "auto") else getattr(torch, model_args.dtype),
     )
-    return model, MusicgenProcessor.from_pretrained(model_args.model_name_or_path, revision=model_args.model_revision)
+    processor = load_pretrained(
+        MusicgenProcessor.from_pretrained,
+        model_args.model_name_or_path,
+        "processor",
+        revision=model_args.model_revision,
+    )
+    return model, processor
 
 
 def load_prompts(script_args: ScriptArguments) -> Dataset:
@@ -88,15 +202,15 @@ def load_prompts(script_args: ScriptArguments) -> Dataset:
     return dataset.select_columns(["prompt"])
 
 
-def load_rewards(script_args: ScriptArguments, training_args: MusicPPOConfig):
+def load_rewards(script_args: ScriptArguments, model_args: ModelConfig):
     """The recipe's rewards as a list (each logged as rewards/<name>/mean) with their weights, or the demo reward."""
     if script_args.recipe is None:
         # The tiny codec's random filters give every code a similar spectrum but different levels, so loudness is
         # the signal a few minutes of RL on CPU can visibly move; the tiny model starts near -19 dBFS.
         return [LoudnessReward(floor_db=-25.0, ceiling_db=-15.0)], None, script_args.ref_model
     recipe = load_recipe(script_args.recipe)
-    combination = rewards_from_recipe(recipe)
-    ref_model = script_args.ref_model or recipe["ref_model"]
+    combination = rewards_from_recipe(recipe, **reward_overrides(script_args, recipe))
+    ref_model = anchor_of(script_args, model_args, recipe)
     if recipe["reward_normalization"] == "none":
         names = list(combination.rewards)
         return list(combination.rewards.values()), [combination.weights[n] for n in names], ref_model
@@ -125,27 +239,39 @@ def print_summary(log_history: list[dict], output_dir: str, seconds: float) -> N
 
 
 def main():
-    parser = TrlParser((ScriptArguments, MusicPPOConfig, ModelConfig))
-    script_args, training_args, model_args = parser.parse_args_and_config()
+    script_args, training_args, model_args, recipe = parse_arguments()
     if training_args.output_dir in (None, "trainer_output"):
         training_args.output_dir = os.path.join("outputs", "ppo_musicrl")
     offline_demo = model_args.model_name_or_path is None
     if offline_demo and "--total_episodes" not in sys.argv:
         # Demo defaults: 100 updates of 16 clips of 0.34 s, one to two minutes on an idle 2-core CPU. The tiny model
-        # learns at a far higher rate than real checkpoints. Batch 16 halves the variance of the per-update mean reward,
-        # so that with the default kl_coef the loudness reward's rise shows on the plot for every seed tried:
-        # 5.0, 12.6 and 9.3 standard deviations of the first quarter's noise for seeds 0, 1, 2.
+        # learns at a far higher rate than real checkpoints. Batch 16 halves the variance of the per-update mean
+        # reward, so that with the default kl_coef the loudness reward's rise shows on the plot for every seed
+        # tried: 5.0, 12.6 and 9.3 standard deviations of the first quarter's noise for seeds 0, 1, 2.
         training_args.total_episodes = 16 * 100
         training_args.per_device_train_batch_size = 16
         training_args.response_length = 20
         if "--learning_rate" not in sys.argv:
             training_args.learning_rate = 2e-3
 
+    try:
+        check_models(script_args, model_args, recipe)
+        resume = resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir)
+    except (ModelLoadingError, ValueError) as error:
+        sys.exit(f"error: {error}")
+    if training_args.should_save:
+        write_run_config(training_args.output_dir, script=script_args, training=training_args, model=model_args)
+
     model, processor = load_policy(model_args)
     train_dataset = load_prompts(script_args)
-    rewards, weights, ref_model = load_rewards(script_args, training_args)
+    rewards, weights, ref_model = load_rewards(script_args, model_args)
     if weights is not None and training_args.reward_weights is None:
         training_args.reward_weights = weights
+
+    peft_config = get_peft_config(model_args)
+    value_model = None
+    if peft_config is not None and not training_args.share_value_backbone:
+        value_model = lora_value_model(model, peft_config, seed=training_args.seed)
 
     start = time.time()
     trainer = MusicPPOTrainer(
@@ -155,9 +281,10 @@ def main():
         ref_model=ref_model,
         reward_model=rewards,
         train_dataset=train_dataset,
-        peft_config=get_peft_config(model_args),
+        value_model=value_model,
+        peft_config=peft_config,
     )
-    trainer.train()
+    trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(training_args.output_dir)
 
     if trainer.accelerator.is_main_process:

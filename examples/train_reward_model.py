@@ -39,6 +39,10 @@ MusicRL's token-space preference model (text + MusicGen codes, initialised from 
         --dataset_name path/to/code_pairs --model_name_or_path facebook/musicgen-small \\
         --output_dir musicgen-small-token-rm --per_device_train_batch_size 8 --learning_rate 1e-5
 
+Without ``--output_dir`` the model is saved to ``outputs/reward-model-<mode>``; the script prints the folder when done.
+A corrupt row (unreadable or missing audio, bad rating) stops training with its row number in your dataset, counted
+from 0 before the train/test split, and what is wrong with it (e.g. ``file not found: audio/5_b.wav``).
+
 ``--dataset_name`` is a Hub dataset id, a local dataset folder (``audiofolder``/``save_to_disk``) or a single
 ``.json``/``.jsonl``/``.csv``/``.parquet`` file. ``--model_name_or_path`` names a CLAP or AST checkpoint (a new reward
 head on its audio encoder), a saved reward model (trained further) or a MusicGen checkpoint (the token-space model).
@@ -48,6 +52,7 @@ Every ``AudioRewardConfig``/``TrainingArguments`` flag works too (``--help`` lis
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -57,6 +62,8 @@ from transformers import AutoConfig, PreTrainedModel
 from trl import TrlParser
 
 from musicrl_trl import AudioRewardConfig, AudioRewardTrainer, MusicRewardConfig, MusicRewardModel
+from musicrl_trl.loading import ModelLoadingError, is_local_path, resolve_pretrained
+from musicrl_trl.trainers.reward_trainer import SOURCE_ROW_COLUMN
 
 BACKBONE_TYPES = ("clap", "audio-spectrogram-transformer")
 
@@ -197,6 +204,8 @@ def load_any_dataset(script_args: ScriptArguments) -> DatasetDict:
     """A Hub id, a saved dataset folder, any other folder (e.g. audiofolder) or a single data file."""
     name = script_args.dataset_name
     extension = os.path.splitext(name)[1].lstrip(".")
+    if not os.path.exists(name) and (extension in ("json", "jsonl", "csv", "parquet") or is_local_path(name)):
+        raise FileNotFoundError(f"dataset: the local path {name!r} does not exist (working directory: {os.getcwd()}).")
     if os.path.isfile(name) and extension in ("json", "jsonl", "csv", "parquet"):
         return load_dataset("json" if extension == "jsonl" else extension, data_files={"train": name})
     if os.path.isdir(name) and os.path.exists(os.path.join(name, "dataset_dict.json")):
@@ -246,7 +255,7 @@ def to_trainer_columns(dataset: Dataset, script_args: ScriptArguments, mode: str
 
 def load_model(script_args: ScriptArguments, mode: str) -> PreTrainedModel | str:
     """The model to train: a new head on a CLAP/AST encoder, or a name the trainer loads itself."""
-    name = script_args.model_name_or_path
+    name = resolve_pretrained(script_args.model_name_or_path, "starting model (--model_name_or_path)")
     model_type = AutoConfig.from_pretrained(name).model_type
     if model_type.startswith(BACKBONE_TYPES):
         text_vocab_size = 384 if script_args.text_conditioned else 0
@@ -262,9 +271,19 @@ def load_model(script_args: ScriptArguments, mode: str) -> PreTrainedModel | str
 DEMO_DEFAULTS = {"learning_rate": 3e-3, "num_train_epochs": 8.0}
 
 
+def number_rows(dataset: DatasetDict) -> DatasetDict:
+    """Add each row's number in the user's dataset, so that corrupt-row errors after the train/test split (and the
+    A/B filter) still name the row the user can find."""
+    return DatasetDict(
+        {split: rows.add_column(SOURCE_ROW_COLUMN, list(range(len(rows)))) for split, rows in dataset.items()}
+    )
+
+
 def main(script_args: ScriptArguments, training_args: AudioRewardConfig) -> dict[str, float]:
     mode = training_args.mode or "pairwise"
     training_args.mode = mode
+    if training_args.output_dir in (None, "trainer_output"):
+        training_args.output_dir = os.path.join("outputs", f"reward-model-{mode}")
 
     # Model
     synthetic = script_args.dataset_name is None
@@ -290,7 +309,7 @@ def main(script_args: ScriptArguments, training_args: AudioRewardConfig) -> dict
             max(64, script_args.num_synthetic // 4), script_args.clip_seconds, seed=training_args.seed + 1
         )
     else:
-        dataset = load_any_dataset(script_args)
+        dataset = number_rows(load_any_dataset(script_args))
         train_dataset = to_trainer_columns(dataset[script_args.dataset_train_split], script_args, mode)
         if script_args.dataset_test_split is not None:
             eval_dataset = to_trainer_columns(dataset[script_args.dataset_test_split], script_args, mode)
@@ -314,6 +333,8 @@ def main(script_args: ScriptArguments, training_args: AudioRewardConfig) -> dict
 
     # Save and push
     trainer.save_model(training_args.output_dir)
+    if trainer.is_world_process_zero():
+        print(f"saved the reward model to {os.path.abspath(training_args.output_dir)}")
     if training_args.push_to_hub:
         trainer.push_to_hub(**({"dataset": script_args.dataset_name} if script_args.dataset_name else {}))
     return after
@@ -322,4 +343,7 @@ def main(script_args: ScriptArguments, training_args: AudioRewardConfig) -> dict
 if __name__ == "__main__":
     parser = TrlParser((ScriptArguments, AudioRewardConfig))
     script_args, training_args = parser.parse_args_and_config()
-    main(script_args, training_args)
+    try:
+        main(script_args, training_args)
+    except (ModelLoadingError, FileNotFoundError, ValueError) as error:  # messages that say what to fix
+        sys.exit(f"error: {error}")

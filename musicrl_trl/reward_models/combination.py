@@ -25,13 +25,18 @@ Recipes are YAML files (``examples/recipes/musicrl_{r,u,ru}.yaml``)::
     reward_weights: [1.0, 1.0]           # list (same order) or mapping name -> weight
     reward_normalization: none           # none | batch | running
     training: {...}                      # MusicPPOConfig fields (temperature, kl_estimator, audio_duration_s, ...)
+    make_commands:                       # optional: model name -> the command that makes it (shown when missing)
+      ast-music-mos: python examples/train_reward_model.py --mode regression ... --output_dir ast-music-mos
     paper: {steps: 20000, ...}           # informational: what MusicRL reported
 
-:func:`load_recipe` reads and checks one; :func:`rewards_from_recipe` builds its :class:`RewardCombination`.
+:func:`load_recipe` reads and checks one; :func:`check_recipe_models` checks, before anything is loaded, that every
+model it names can be loaded (one error listing every missing one, with its ``make_commands`` entry);
+:func:`rewards_from_recipe` builds its :class:`RewardCombination`.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -41,6 +46,7 @@ from typing import Any, Literal
 import torch
 import yaml
 
+from ..loading import ModelLoadingError, resolve_pretrained
 from .base import AudioReward
 from .preference import PreferenceReward
 from .quality import QualityReward
@@ -51,6 +57,7 @@ __all__ = [
     "REWARD_CLASSES",
     "RewardCombination",
     "RunningMoments",
+    "check_recipe_models",
     "combine_rewards",
     "load_recipe",
     "rewards_from_recipe",
@@ -220,8 +227,12 @@ _RECIPE_KEYS = {
     "reward_weights",
     "reward_normalization",
     "training",
+    "make_commands",
     "paper",
 }
+
+#: Reward keyword arguments that name something to load with ``from_pretrained``.
+MODEL_KWARGS = ("model", "processor", "tokenizer")
 
 
 def load_recipe(path: str | os.PathLike) -> dict[str, Any]:
@@ -248,6 +259,9 @@ def load_recipe(path: str | os.PathLike) -> dict[str, Any]:
     recipe.setdefault("ref_model", None)
     recipe.setdefault("training", {})
     recipe.setdefault("paper", {})
+    recipe.setdefault("make_commands", {})
+    if not isinstance(recipe["make_commands"], dict):
+        raise ValueError(f"recipe {where!r}: make_commands must be a mapping model name -> command.")
     if recipe["reward_weights"] is not None and not isinstance(recipe["reward_weights"], (list, dict)):
         raise ValueError(f"recipe {where!r}: reward_weights must be a list or a mapping name -> weight.")
     return recipe
@@ -276,3 +290,78 @@ def rewards_from_recipe(
             raise ValueError(f"recipe: two rewards are named {reward.__name__!r}; give them distinct `name:` entries.")
         rewards[reward.__name__] = reward
     return RewardCombination(rewards, recipe.get("reward_weights"), recipe.get("reward_normalization", "none"))
+
+
+def _reward_kwargs(recipe: Mapping[str, Any], overrides: Mapping[str, dict[str, Any]]) -> list[tuple[str, dict]]:
+    """(name, kwargs with ``overrides`` applied) for every reward entry of ``recipe``."""
+    named = []
+    for entry in recipe["reward_models"]:
+        name = entry.get("name") or entry["class"]
+        kwargs = dict(entry.get("kwargs") or {})
+        kwargs.update(overrides.get(entry.get("name"), {}) if entry.get("name") else {})
+        named.append((name, kwargs))
+    return named
+
+
+def _is_audio_space_reward_model(source: str) -> bool:
+    """Whether a resolved local folder holds a MusicRewardModel (which needs no text tokenizer)."""
+    config = os.path.join(source, "config.json")
+    if not os.path.isfile(config):
+        return False
+    with open(config, encoding="utf-8") as handle:
+        return json.load(handle).get("model_type") == "music_reward"
+
+
+def check_recipe_models(
+    recipe: Mapping[str, Any] | str | os.PathLike,
+    models: Mapping[str, str | None] | None = None,
+    **overrides: dict[str, Any],
+) -> None:
+    """Check that every model the run needs can be loaded now, before any is: one error lists every problem.
+
+    Args:
+        recipe: a recipe (or its path).
+        models: other models of the run by role, e.g. ``{"policy": "facebook/musicgen-small", "KL anchor": None}``
+            (``None`` entries are skipped).
+        overrides: per reward name, keyword arguments that replace the recipe's (as in :func:`rewards_from_recipe`).
+
+    Each problem comes from :func:`musicrl_trl.loading.resolve_pretrained` (missing local path, corrupt weights,
+    offline and not cached, unreachable Hub, unknown id) followed by the recipe's ``make_commands`` entry for that
+    model, if any. Raises :class:`~musicrl_trl.loading.ModelLoadingError`.
+    """
+    if not isinstance(recipe, Mapping):
+        recipe = load_recipe(recipe)
+    make_commands = recipe.get("make_commands") or {}
+
+    def hint(source: str, original: str | None) -> str | None:
+        if make_commands.get(source):
+            return f"The recipe makes it with: `{make_commands[source]}`."
+        if make_commands.get(original):
+            return f"The recipe makes its own model for this ({original!r}) with: `{make_commands[original]}`."
+        return None
+
+    # (role, source, the recipe's own source for that role: its make_commands entry still applies when overridden)
+    to_check = [(role, source, source) for role, source in (models or {}).items() if source is not None]
+    recipe_kwargs = dict(_reward_kwargs(recipe, {}))
+    for name, kwargs in _reward_kwargs(recipe, overrides):
+        for key in MODEL_KWARGS:
+            source = kwargs.get(key)
+            if isinstance(source, (str, os.PathLike)):
+                original = recipe_kwargs[name].get(key)
+                to_check.append((f"{name} reward ({key})", os.fspath(source), original))
+    problems, resolved = [], {}
+    for role, source, original in to_check:
+        if role.endswith("(tokenizer)"):
+            model = resolved.get(role.replace("(tokenizer)", "(model)"))
+            if model is not None and _is_audio_space_reward_model(model):
+                continue  # an audio-space preference model reads no tokens: PreferenceReward ignores the tokenizer
+        try:
+            resolved[role] = resolve_pretrained(source, role, hint(source, original))
+        except ModelLoadingError as error:
+            problems.append(str(error))
+    if problems:
+        recipe_name = recipe.get("name", "the recipe")
+        raise ModelLoadingError(
+            f"{len(problems)} model(s) of {recipe_name} cannot be loaded (nothing was loaded yet):\n- "
+            + "\n- ".join(problems)
+        )

@@ -26,6 +26,7 @@ from transformers import (
 )
 
 from ..audio import resample, split_windows, to_mono
+from ..loading import load_pretrained, resolve_pretrained
 from .base import AudioReward
 from .configuration_music_reward import MusicRewardConfig
 from .modeling_music_reward import MusicRewardModel
@@ -61,7 +62,7 @@ class PreferenceReward(AudioReward):
         super().__init__("preference")
         path = None
         if isinstance(model, (str, os.PathLike)):
-            path = model
+            path = resolve_pretrained(model, f"{self.__name__} reward")
             # Read the raw model_type: AutoConfig would need the token model registered first.
             model_type = PreTrainedConfig.get_config_dict(path)[0].get("model_type")
             if model_type == MusicRewardConfig.model_type:
@@ -84,7 +85,8 @@ class PreferenceReward(AudioReward):
             self.model.to(device)
         if self.scores_codes:
             if isinstance(tokenizer, (str, os.PathLike)):
-                tokenizer = AutoTokenizer.from_pretrained(tokenizer)
+                what = f"{self.__name__} reward tokenizer"
+                tokenizer = load_pretrained(AutoTokenizer.from_pretrained, tokenizer, what)
             elif tokenizer is None and path is not None:
                 try:
                     tokenizer = AutoTokenizer.from_pretrained(path)

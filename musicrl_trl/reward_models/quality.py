@@ -17,6 +17,7 @@ import torch
 from transformers import AutoModelForAudioClassification
 
 from ..audio import first_last_windows, resample, split_windows, to_mono
+from ..loading import load_pretrained
 from .base import AudioReward
 from .modeling_music_reward import MusicRewardModel
 
@@ -25,7 +26,7 @@ __all__ = ["QualityReward"]
 
 def _load_music_reward_model(model: MusicRewardModel | str | os.PathLike, owner: str) -> MusicRewardModel:
     if isinstance(model, (str, os.PathLike)):
-        model = AutoModelForAudioClassification.from_pretrained(model)
+        model = load_pretrained(AutoModelForAudioClassification.from_pretrained, model, f"{owner} reward")
     if not isinstance(model, MusicRewardModel):
         raise ValueError(
             f"{owner}: expected a MusicRewardModel (or a path to one), got {type(model).__name__}. Train one with "

@@ -21,6 +21,7 @@ import torch
 from transformers import ClapModel, ClapProcessor
 
 from ..audio import resample, split_windows, to_mono
+from ..loading import load_pretrained
 from .base import AudioReward
 from .features import ClapFeatureSettings, clap_features
 
@@ -59,8 +60,10 @@ class TextAdherenceReward(AudioReward):
     ) -> None:
         super().__init__("text_adherence")
         if isinstance(model, (str, os.PathLike)):
-            processor = processor if processor is not None else ClapProcessor.from_pretrained(model)
-            model = ClapModel.from_pretrained(model)
+            what = f"{self.__name__} reward (CLAP)"
+            if processor is None:
+                processor = load_pretrained(ClapProcessor.from_pretrained, model, what)
+            model = load_pretrained(ClapModel.from_pretrained, model, what)
         elif processor is None:
             raise ValueError(
                 f"{self.__name__}: pass the CLAP model's processor as well (`ClapProcessor.from_pretrained(...)`): "

@@ -42,6 +42,7 @@ from trl.experimental.ppo import PPOTrainer
 from trl.experimental.ppo.ppo_trainer import masked_mean, masked_whiten
 
 from .. import codebooks
+from ..loading import load_pretrained
 from ..rollout import (
     MusicRollout,
     SamplingConfig,
@@ -236,10 +237,10 @@ class MusicPPOTrainer(CrashSafeCheckpointsMixin, PPOTrainer):
         if not isinstance(args, MusicPPOConfig):
             raise TypeError(f"args must be a MusicPPOConfig, got {type(args).__name__}.")
         if isinstance(model, str):
-            processing_class = processing_class or MusicgenProcessor.from_pretrained(model)
-            model = MusicgenForConditionalGeneration.from_pretrained(model)
+            processing_class = processing_class or load_pretrained(MusicgenProcessor.from_pretrained, model, "policy")
+            model = load_pretrained(MusicgenForConditionalGeneration.from_pretrained, model, "policy")
         if isinstance(ref_model, str):
-            ref_model = MusicgenForConditionalGeneration.from_pretrained(ref_model)
+            ref_model = load_pretrained(MusicgenForConditionalGeneration.from_pretrained, ref_model, "KL anchor")
         if processing_class is None:
             raise ValueError("processing_class is required: pass the model's MusicgenProcessor.")
         self._check_dataset(train_dataset, "train_dataset")

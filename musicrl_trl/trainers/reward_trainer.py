@@ -64,6 +64,7 @@ from transformers import (
 from transformers.trainer_utils import EvalPrediction
 
 from ..audio import MAX_SAMPLING_RATE, MIN_SAMPLING_RATE, check_sampling_rate, resample
+from ..loading import resolve_pretrained
 from ..reward_models.modeling_music_reward import MusicRewardModel
 from ..reward_models.token_preference import MusicTokenPreferenceModel
 from .checkpointing import CrashSafeCheckpointsMixin
@@ -80,6 +81,8 @@ COLUMNS: dict[tuple[str, str], tuple[tuple[str, ...], tuple[str, ...]]] = {
     ("regression", "audio"): (("audio", "mos"), ("prompt",)),
     ("regression", "codes"): (("codes", "mos"), ("prompt",)),
 }
+#: Optional int column: the row's number in the user's dataset before any split or filter, used in error messages.
+SOURCE_ROW_COLUMN = "source_row"
 # A clip with more "channels" than this is almost surely a [N, C] array passed where [C, N] is expected.
 MAX_CHANNELS = 8
 
@@ -160,6 +163,15 @@ def decode_audio_cell(value: Any, column: str, audio_sampling_rate: int | None =
 
 
 def _read_file(source: Any, column: str, name: str | None) -> tuple[np.ndarray, int]:
+    if isinstance(source, str) and not os.path.exists(source):
+        # soundfile reports a missing file as "System error."
+        relative = "" if os.path.isabs(source) else f" (relative paths are read from {os.getcwd()})"
+        raise CorruptRowError(
+            column,
+            f"file not found: {source}",
+            f"Fix the path or add the file{relative}; examples/train_reward_model.py takes --audio_root FOLDER for "
+            "paths relative to another folder.",
+        )
     try:
         data, sampling_rate = sf.read(source, dtype="float32", always_2d=True)  # [N, C]
     except (sf.SoundFileError, RuntimeError, TypeError, OSError) as error:
@@ -430,6 +442,7 @@ def disable_dropout(model: nn.Module) -> None:
 def _load_model(name: str, args: AudioRewardConfig) -> PreTrainedModel:
     """A reward model from a checkpoint id/path: a MusicGen checkpoint gives the token-space preference model."""
     kwargs = dict(args.model_init_kwargs or {})
+    name = resolve_pretrained(name, "reward model to train")  # a missing path or corrupt weights, said plainly
     model_type = PreTrainedConfig.get_config_dict(name)[0].get("model_type")
     if model_type == "musicgen":
         return MusicTokenPreferenceModel.from_musicgen(name, **kwargs)
@@ -685,16 +698,20 @@ class AudioRewardTrainer(CrashSafeCheckpointsMixin, Trainer):
         bad = [index for index, error in enumerate(errors) if error]
         if not bad:
             return dataset
+        # Rows are counted in the user's own dataset when a SOURCE_ROW_COLUMN says where each came from (a script
+        # that splits or filters first adds it); else by position in the dataset given.
+        if SOURCE_ROW_COLUMN in dataset.column_names:
+            source_rows = dataset[SOURCE_ROW_COLUMN]
+            rows, where = [source_rows[index] for index in bad], f"of the dataset (in the {name} split)"
+        else:
+            rows, where = bad, f"of the {name} dataset"
         if not self.args.skip_corrupt_rows:
             more = f" ({len(bad) - 1} more corrupt rows follow.)" if len(bad) > 1 else ""
             raise ValueError(
-                f"Row {bad[0]} of the {name} dataset, {errors[bad[0]]} Or set skip_corrupt_rows=True to skip such "
-                f"rows.{more}"
+                f"Row {rows[0]} {where}, {errors[bad[0]]} Or set skip_corrupt_rows=True to skip such rows.{more}"
             )
-        logger.warning(
-            "Skipping %d corrupt rows of the %s dataset, e.g. row %d: %s", len(bad), name, bad[0], errors[bad[0]]
-        )
-        self.skipped_rows[name] = bad
+        logger.warning("Skipping %d corrupt rows %s, e.g. row %d: %s", len(bad), where, rows[0], errors[bad[0]])
+        self.skipped_rows[name] = rows
         self.num_skipped_rows += len(bad)
         keep = sorted(set(range(len(dataset))) - set(bad))
         if not keep:
