@@ -44,7 +44,9 @@ class MusicPPOConfig(PPOConfig):
         audio_duration_s (`float`, *optional*): rollout length in seconds instead; overrides `response_length`.
         temperature (`float`, defaults to `0.99`): sampling temperature (MusicRL: 0.99).
         top_k (`int`, defaults to `0`): top-k filtering, 0 for the whole codebook. MusicGen ships 250; any value
-            here is applied identically when sampling and when computing log-probs and KL.
+            here is applied identically when sampling and when computing log-probs and ratios. The KL to the anchor
+            compares the distributions before the top-k cut: once the policy's top k codes differ from the
+            anchor's, the KL between the cut distributions is infinite.
         guidance_scale (`float`, defaults to `1.0`): classifier-free guidance; > 1 trains the guided distribution
             that is sampled (twice the compute).
         max_prompt_length (`int`, defaults to `256`): longest prompt in tokens; longer ones are an error.

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import json
 import os
 import textwrap
@@ -252,6 +253,10 @@ class MusicPPOTrainer(CrashSafeCheckpointsMixin, PPOTrainer):
         resolve_num_steps(model, num_steps=args.response_length)  # fail now, not after loading everything
 
         self.sampling = SamplingConfig(args.guidance_scale, args.temperature, args.top_k)
+        # The KL compares the guided, tempered distributions before the top-k cut: once the policy's top k codes
+        # differ from the anchor's, the cut distributions give a code the policy may draw probability 0 under the
+        # anchor, and the exact KL (and its gradient, in the loss) is infinite. Ratios use the cut distribution.
+        self.kl_sampling = dataclasses.replace(self.sampling, top_k=0)
         for module in (model, ref_model):
             if module is not None:
                 zero_dropout(module)
@@ -370,6 +375,13 @@ class MusicPPOTrainer(CrashSafeCheckpointsMixin, PPOTrainer):
         log_dist = sampling_log_dist(output, self.sampling, self.audio_channels)
         return log_dist, codebooks.gather_logprobs(log_dist, codes)
 
+    def _kl_log_dist(self, output, log_dist: torch.Tensor) -> torch.Tensor:
+        """The policy's distribution [B, K, T, V] that the KL compares with the anchor's: ``log_dist`` (the
+        sampling distribution) itself without top-k, else the same decoder outputs without the top-k cut."""
+        if not self.sampling.top_k:
+            return log_dist
+        return sampling_log_dist(output, self.kl_sampling, self.audio_channels)
+
     def _step_kl(self, log_dist, ref_log_dist, logprobs, ref_logprobs) -> torch.Tensor:
         """KL(policy || anchor) per decoder step [B, A]: exact over the codebook ('full') or TRL's k1/k3."""
         if self.args.kl_estimator == "full":
@@ -388,7 +400,7 @@ class MusicPPOTrainer(CrashSafeCheckpointsMixin, PPOTrainer):
                 output = decoder_logits(policy, rollout.prompt_ids, rollout.prompt_mask, rollout.grid, guided)
         else:
             output = decoder_logits(self.ref_model, rollout.prompt_ids, rollout.prompt_mask, rollout.grid, guided)
-        return self._code_logprobs(output, rollout.codes)[0]
+        return sampling_log_dist(output, self.kl_sampling, self.audio_channels)  # before any top-k cut
 
     @staticmethod
     def _advantages(rewards, values, gamma: float, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -477,9 +489,10 @@ class MusicPPOTrainer(CrashSafeCheckpointsMixin, PPOTrainer):
                     output, values = unwrapped(
                         rollout.prompt_ids, rollout.prompt_mask, rollout.grid, self.sampling.guided
                     )
-                    log_dist, logprobs = self._code_logprobs(output, rollout.codes)
-                    kl = self._step_kl(log_dist, ref_log_dist, logprobs, ref_logprobs)  # [B, A]
-                    del output, log_dist
+                    kl_log_dist = self._kl_log_dist(output, self._code_logprobs(output, rollout.codes)[0])
+                    kl_logprobs = codebooks.gather_logprobs(kl_log_dist, rollout.codes)
+                    kl = self._step_kl(kl_log_dist, ref_log_dist, kl_logprobs, ref_logprobs)  # [B, A]
+                    del output, kl_log_dist
                     advantages, returns = self._advantages_and_returns(kl, scores, values, sample_mask)
 
             # 5. update
@@ -499,7 +512,11 @@ class MusicPPOTrainer(CrashSafeCheckpointsMixin, PPOTrainer):
                                 rollout.prompt_ids[mb], rollout.prompt_mask[mb], rollout.grid[mb], self.sampling.guided
                             )
                             mb_log_dist, mb_new_logprobs = self._code_logprobs(mb_output, rollout.codes[mb])
-                            mb_kl = self._step_kl(mb_log_dist, ref_log_dist[mb], mb_new_logprobs, ref_logprobs[mb])
+                            mb_kl_log_dist = self._kl_log_dist(mb_output, mb_log_dist)
+                            mb_kl = self._step_kl(
+                                mb_kl_log_dist, ref_log_dist[mb],
+                                codebooks.gather_logprobs(mb_kl_log_dist, rollout.codes[mb]), ref_logprobs[mb],
+                            )
                             if single_pass:  # mb is the whole local batch, in some order
                                 kl = torch.empty_like(mb_kl).index_copy_(0, mb, mb_kl.detach())
                                 values = torch.empty_like(vpred).index_copy_(0, mb, vpred.detach())
@@ -537,7 +554,7 @@ class MusicPPOTrainer(CrashSafeCheckpointsMixin, PPOTrainer):
                             if epoch == 0 and mb_start == 0:
                                 # On-policy check: before any update the new policy is the sampling policy.
                                 stats["first_ratio_error"].append((ratio - 1).abs().max())
-                        del mb_output, mb_log_dist, mb_kl
+                        del mb_output, mb_log_dist, mb_kl_log_dist, mb_kl
             non_score_reward = -args.kl_coef * kl  # [B, A], for the metrics in both KL forms
             timing["update"] = time.perf_counter() - tic
 
