@@ -147,7 +147,7 @@ def main():
         print(f"log:    {os.path.abspath(os.path.join(training_args.output_dir, 'log_history.json'))}")
         print(f"plot:   {os.path.abspath(os.path.join(training_args.output_dir, 'training_curves.png'))}")
     if training_args.push_to_hub:
-        trainer.push_to_hub()
+        trainer.push_to_hub(dataset_name=script_args.dataset_name)  # card, samples, weights (see --push_lora)
 
 
 if __name__ == "__main__":

@@ -312,6 +312,9 @@ def resolve_license(sources: Sequence[LicenseSource], override: str | None = Non
     return LicenseResolution(strictest.license or "unknown", sources)
 
 
+_WARNED: set[tuple[str, str]] = set()
+
+
 def warn_license(resolution: LicenseResolution, repo_id: str) -> None:
     """Warn (``NonCommercialLicenseWarning``) when a pushed model has a non-commercial ingredient, and log unknowns."""
     for source in resolution.unknown:
@@ -323,7 +326,8 @@ def warn_license(resolution: LicenseResolution, repo_id: str) -> None:
             repo_id,
             resolution.license,
         )
-    if resolution.non_commercial:
+    if resolution.non_commercial and (repo_id, resolution.license) not in _WARNED:
+        _WARNED.add((repo_id, resolution.license))  # once per repo and process: a run may push several times
         names = ", ".join(f"{source.role} {source.name} ({source.license})" for source in resolution.non_commercial)
         warnings.warn(
             f"{repo_id} is built from non-commercial ingredients: {names}. The model inherits their terms: it may not "

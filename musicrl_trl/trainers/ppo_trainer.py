@@ -546,12 +546,16 @@ class MusicPPOTrainer(PPOTrainer):
         ``PeftModel.from_pretrained``, and (``save_merged_lora``) merged full weights to ``<output_dir>/merged``
         for ``MusicgenForConditionalGeneration.from_pretrained`` and ``pipeline("text-to-audio")``."""
         output_dir = output_dir or self.args.output_dir
-        super().save_model(output_dir, _internal_call)
+        # Internal: Trainer.save_model would push from inside PPOTrainer.save_model, while self.model is swapped for
+        # the bare policy and before the merged weights exist; the push comes last instead.
+        super().save_model(output_dir, _internal_call=True)
         if self.is_peft_model and self.args.save_merged_lora and not _internal_call and self.args.should_save:
             policy = copy.deepcopy(self.accelerator.unwrap_model(self.model).policy).merge_and_unload()
             merged_dir = os.path.join(output_dir, "merged")
             policy.save_pretrained(merged_dir)
             self.processing_class.save_pretrained(merged_dir)
+        if self.args.push_to_hub and not _internal_call:
+            self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
 
     def _save_checkpoint(self, model, trial):
         super()._save_checkpoint(model, trial)
