@@ -102,6 +102,17 @@ def test_model_source_keeps_ids_and_given_paths_but_not_vanished_folders(tmp_pat
     assert hub.model_source(tiny_music_reward(save_directory=tmp_path / "mos")) == str(tmp_path / "mos")
 
 
+def test_reward_model_built_on_a_backbone_records_it(tmp_path):
+    from musicrl_trl.reward_models import MusicRewardModel
+    from musicrl_trl.testing import save_tiny_clap
+
+    clap_dir = save_tiny_clap(tmp_path / "clap")
+    (tmp_path / "clap" / "README.md").write_text("---\nlicense: apache-2.0\n---\n")
+    model = MusicRewardModel.from_backbone(clap_dir, hidden_size=16)
+    assert hub.model_source(model) == clap_dir
+    assert hub.find_license(hub.model_source(model), "base model").license == "apache-2.0"
+
+
 def test_launch_command_masks_tokens():
     argv = ["examples/ppo_musicrl.py", "--hub_token", TOKEN, f"--hub_token={TOKEN}", "--output_dir", "out dir"]
     command = hub.launch_command(argv)

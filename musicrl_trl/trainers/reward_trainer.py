@@ -875,9 +875,9 @@ class AudioRewardTrainer(Trainer):
         self.save_model(_internal_call=True)
         if not self.is_world_process_zero():
             return None
+        dataset_name = kwargs.pop("dataset_name", None) or kwargs.pop("dataset", None)  # Trainer's name: dataset
         resolution = self.create_model_card(
-            dataset_name=kwargs.pop("dataset_name", None), license=kwargs.pop("license", None),
-            repo_id=self.hub_model_id,
+            dataset_name=dataset_name, license=kwargs.pop("license", None), repo_id=self.hub_model_id
         )
         hub.warn_license(resolution, self.hub_model_id)
         self._finish_current_push()
