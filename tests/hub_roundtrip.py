@@ -147,11 +147,14 @@ def publish(out: str) -> None:
         report_to=[],
         audio_sampling_rate=16_000,
         hub_model_id=REWARD_REPO,
-        save_strategy="no",
+        push_to_hub=True,
+        save_strategy="steps",
+        save_steps=1,
         disable_tqdm=True,
     )
-    reward_trainer = AudioRewardTrainer(MOS_REPO, reward_args, train_dataset=ratings)
+    reward_trainer = AudioRewardTrainer(MOS_REPO, reward_args, train_dataset=ratings, eval_dataset=ratings)
     reward_trainer.train()
+    reward_trainer.evaluate()  # evaluation numbers for the card
     reward_trainer.push_to_hub(dataset_name=f"{ORG}/music-ratings")
     model = reward_trainer.accelerator.unwrap_model(reward_trainer.model).eval()
     with torch.no_grad():

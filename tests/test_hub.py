@@ -327,6 +327,7 @@ def test_cards_parse_and_carry_the_metadata(published):
     reward_text = card_of(server, REWARD_REPO).text
     assert 'pipeline("audio-classification", "test-org/mos-reward", function_to_apply="none")' in reward_text
     assert 'QualityReward("test-org/mos-reward")' in reward_text
+    assert "## Evaluation" in reward_text and "| `eval_spearman` |" in reward_text
 
 
 @pytest.mark.slow
@@ -356,6 +357,10 @@ def test_repo_layouts_and_samples(published):
     checkpoint = published.out / "adapter" / "checkpoint-1"
     assert (checkpoint / "README.md").is_file() and (checkpoint / "samples" / "after_0.wav").is_file()
     assert "library_name: peft" in (checkpoint / "README.md").read_text()
+    reward_checkpoint_card = (published.out / "reward" / "checkpoint-1" / "README.md").read_text()
+    assert "pipeline_tag: audio-classification" in reward_checkpoint_card
+    reward_commits = [title for _, _, title in server.repos[("model", REWARD_REPO)].commits]
+    assert reward_commits[:3] == ["initial commit", "Training in progress, step 1", "Training in progress, step 2"]
 
 
 @pytest.mark.slow

@@ -644,6 +644,7 @@ class MusicPPOTrainer(PPOTrainer):
         self.hub_base_model = hub.model_source(model)
         self.hub_anchor_model = hub.model_source(ref_model) if ref_model is not None else self.hub_base_model
         self.hub_command = hub.launch_command()
+        self._hub_license_sources: list[hub.LicenseSource] | None = None
 
     def _init_hub_publishing(self) -> None:
         if self.is_peft_model and self.hub_base_model is not None:
@@ -657,14 +658,16 @@ class MusicPPOTrainer(PPOTrainer):
         anchor and every reward model (read from their cards; see :func:`musicrl_trl.hub.resolve_license`)."""
         from ..reward_models.combination import RewardCombination
 
-        sources = [hub.find_license(self.hub_base_model, "base model")]
-        if self.hub_anchor_model != self.hub_base_model:
-            sources.append(hub.find_license(self.hub_anchor_model, "KL anchor"))
-        for name, reward in zip(self.reward_names, self.reward_funcs):
-            parts = reward.rewards.items() if isinstance(reward, RewardCombination) else [(name, reward)]
-            for part_name, part in parts:
-                sources.append(hub.reward_license(part, f"reward '{part_name}'"))
-        return hub.resolve_license(sources, override)
+        if self._hub_license_sources is None:  # read once: every checkpoint writes a card
+            sources = [hub.find_license(self.hub_base_model, "base model")]
+            if self.hub_anchor_model != self.hub_base_model:
+                sources.append(hub.find_license(self.hub_anchor_model, "KL anchor"))
+            for name, reward in zip(self.reward_names, self.reward_funcs):
+                parts = reward.rewards.items() if isinstance(reward, RewardCombination) else [(name, reward)]
+                for part_name, part in parts:
+                    sources.append(hub.reward_license(part, f"reward '{part_name}'"))
+            self._hub_license_sources = sources
+        return hub.resolve_license(self._hub_license_sources, override)
 
     def create_model_card(
         self,
