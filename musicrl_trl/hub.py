@@ -343,8 +343,8 @@ def warn_license(resolution: LicenseResolution, repo_id: str) -> None:
 
 
 def sample_prompts(args: Any) -> list[str]:
-    prompts = getattr(args, "hub_sample_prompts", None)
-    return list(DEFAULT_SAMPLE_PROMPTS if prompts is None else prompts)
+    """The prompts of the card's samples (``MusicPPOConfig.hub_sample_prompts``; None: the built-in three)."""
+    return list(DEFAULT_SAMPLE_PROMPTS if args.hub_sample_prompts is None else args.hub_sample_prompts)
 
 
 def sample_name(stage: str, index: int) -> str:
@@ -478,7 +478,6 @@ POLICY_HYPERPARAMETERS = (
     "learning_rate",
     "lr_scheduler_type",
     "total_episodes",
-    "num_train_epochs",
     "per_device_train_batch_size",
     "gradient_accumulation_steps",
     "batch_size",
