@@ -371,6 +371,8 @@ def test_no_pickle_in_any_pushed_repo(published):
         for path, content in server.files(repo_id).items():
             assert path == ".gitattributes" or hub.is_safe_file(path), (repo_id, path)
             assert not content.startswith(PICKLE_MAGIC), (repo_id, path)
+            if path.endswith("config.json"):  # loading needs no remote code: no auto_map pointing at repo files
+                assert "auto_map" not in json.loads(content), (repo_id, path)
     # training_args.bin was written locally, and stayed there.
     assert (published.out / "reward" / "training_args.bin").is_file()
     assert "training_args.bin" not in server.files(REWARD_REPO)
