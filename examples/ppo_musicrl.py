@@ -290,7 +290,7 @@ def main():
     if trainer.accelerator.is_main_process:
         print_summary(trainer.state.log_history, training_args.output_dir, time.time() - start)
     if training_args.push_to_hub:
-        trainer.push_to_hub()
+        trainer.push_to_hub(dataset_name=script_args.dataset_name)  # card, samples, weights (see --push_lora)
 
 
 if __name__ == "__main__":

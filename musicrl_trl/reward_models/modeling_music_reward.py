@@ -184,6 +184,8 @@ class MusicRewardModel(MusicRewardPreTrainedModel):
         config = MusicRewardConfig(backbone_config=encoder.config, **feature_kwargs, **config_kwargs)
         model = cls(config)
         model.backbone.load_state_dict(encoder.state_dict())
+        # The model starts from the backbone's weights: its card's base_model and inherited licence (musicrl_trl.hub).
+        model.name_or_path = model.config.name_or_path = os.fspath(backbone)
         return model
 
     def save_pretrained(

@@ -91,6 +91,15 @@ class MusicPPOConfig(PPOConfig):
         plot_training_curves (`bool`, defaults to `True`): write `training_curves.png` (reward against KL and
             against step) and `log_history.json` to `output_dir` at the end of training.
 
+    Parameters that control publishing (`push_to_hub`, see `musicrl_trl.hub`):
+        push_lora (`"adapter"`, `"merged"` or `"both"`, defaults to `"both"`): what a LoRA policy's repo holds: the
+            adapter (for `PeftModel.from_pretrained`), the merged full weights (for `from_pretrained` and
+            `pipeline("text-to-audio")`), or the merged weights at the root and the adapter in `adapter/`.
+        hub_license (`str`, *optional*): licence id for the card; default: the most restrictive licence of the base
+            model, the KL anchor and the reward models, read from their cards.
+        hub_sample_prompts (`list[str]`, *optional*): prompts of the card's audio samples, sampled with a fixed seed
+            at the start of training and at every card; default: three built-in prompts, `[]` for none.
+
     These parameters have other defaults than in TRL's `PPOConfig`: `temperature` 0.99, `num_ppo_epochs` 1,
     `lam` 1.0, `kl_estimator` "full", `response_length` 253, `learning_rate` 1e-5, `lr_scheduler_type`
     "constant", `bf16` False and `gradient_checkpointing` False (the tiny
@@ -192,6 +201,30 @@ class MusicPPOConfig(PPOConfig):
         default=True, metadata={"help": "Write training_curves.png and log_history.json at the end of training."}
     )
 
+    # Publishing
+    push_lora: Literal["adapter", "merged", "both"] = field(
+        default="both",
+        metadata={
+            "help": "What push_to_hub uploads for a LoRA policy: 'adapter' (PeftModel.from_pretrained), 'merged' "
+            "(full weights: from_pretrained and pipeline('text-to-audio')) or 'both' (merged at the root, the adapter "
+            "in adapter/)."
+        },
+    )
+    hub_license: str | None = field(
+        default=None,
+        metadata={
+            "help": "Licence of the pushed model's card (e.g. 'cc-by-nc-4.0'); default: the most restrictive of the "
+            "base model, the anchor and the reward models, read from their cards."
+        },
+    )
+    hub_sample_prompts: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Prompts of the card's before/after audio samples (fixed seed); default: three built-in prompts. "
+            "Pass none of them (an empty list) to skip the samples."
+        },
+    )
+
     def __post_init__(self):
         super().__post_init__()
         if self.kl_penalty not in ("loss", "reward"):
@@ -215,3 +248,5 @@ class MusicPPOConfig(PPOConfig):
             raise ValueError(f"gamma and lam must lie in [0, 1], got gamma={self.gamma}, lam={self.lam}.")
         if self.reward_weights is not None and any(w != w for w in self.reward_weights):
             raise ValueError("reward_weights contains NaN.")
+        if self.push_lora not in ("adapter", "merged", "both"):
+            raise ValueError(f"push_lora must be 'adapter', 'merged' or 'both', got {self.push_lora!r}.")

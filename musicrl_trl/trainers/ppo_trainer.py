@@ -42,7 +42,7 @@ from transformers.trainer_callback import ProgressCallback
 from trl.experimental.ppo import PPOTrainer
 from trl.experimental.ppo.ppo_trainer import masked_mean, masked_whiten
 
-from .. import codebooks
+from .. import codebooks, hub
 from ..loading import load_pretrained
 from ..rollout import (
     MusicRollout,
@@ -237,6 +237,7 @@ class MusicPPOTrainer(CrashSafeCheckpointsMixin, PPOTrainer):
     ):
         if not isinstance(args, MusicPPOConfig):
             raise TypeError(f"args must be a MusicPPOConfig, got {type(args).__name__}.")
+        self._capture_hub_sources(model, ref_model)  # before a path is loaded or a temporary folder disappears
         if isinstance(model, str):
             processing_class = processing_class or load_pretrained(MusicgenProcessor.from_pretrained, model, "policy")
             model = load_pretrained(MusicgenForConditionalGeneration.from_pretrained, model, "policy")
@@ -295,6 +296,7 @@ class MusicPPOTrainer(CrashSafeCheckpointsMixin, PPOTrainer):
         self.audio_channels = unwrap_musicgen(self.policy_model).decoder.config.audio_channels
         self.reward_names = [self._reward_name(r) for r in self.reward_funcs]
         self._remove_stale_checkpoint_staging()
+        self._init_hub_publishing()
 
     # ------------------------------------------------------------------ checks
     @staticmethod
@@ -635,17 +637,17 @@ class MusicPPOTrainer(CrashSafeCheckpointsMixin, PPOTrainer):
         ``PeftModel.from_pretrained``, and (``save_merged_lora``) merged full weights to ``<output_dir>/merged``
         for ``MusicgenForConditionalGeneration.from_pretrained`` and ``pipeline("text-to-audio")``."""
         output_dir = output_dir or self.args.output_dir
-        super().save_model(output_dir, _internal_call)
+        # Internal: Trainer.save_model would push from inside PPOTrainer.save_model, while self.model is swapped for
+        # the bare policy and before the merged weights exist; the push comes last instead.
+        super().save_model(output_dir, _internal_call=True)
         if not self.args.should_save:
             return
         # Written beside the adapter too: PeftModel ignores it, but it documents how the adapter was trained.
         self.trained_generation_config().save_pretrained(output_dir)
         if self.is_peft_model and self.args.save_merged_lora and not _internal_call:
-            policy = copy.deepcopy(self.accelerator.unwrap_model(self.model).policy).merge_and_unload()
-            policy.generation_config = self.trained_generation_config()
-            merged_dir = os.path.join(output_dir, "merged")
-            policy.save_pretrained(merged_dir)
-            self.processing_class.save_pretrained(merged_dir)
+            self._save_merged_policy(os.path.join(output_dir, "merged"))
+        if self.args.push_to_hub and not _internal_call:
+            self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
 
     def trained_generation_config(self) -> GenerationConfig:
         """The policy's generation config set to sample exactly as training did (guidance, temperature, top-k, no
@@ -668,6 +670,7 @@ class MusicPPOTrainer(CrashSafeCheckpointsMixin, PPOTrainer):
             # save_model de-duplicates tied tensors (T5's shared embeddings) that save_file refuses.
             value_model = self.accelerator.unwrap_model(self.model).value_model
             save_model(value_model, os.path.join(checkpoint_dir, VALUE_WEIGHTS_NAME))
+            hub.copy_card_files(self.args.output_dir, checkpoint_dir)  # written by create_model_card above
 
     def _resume(self, checkpoint: str | bool) -> None:
         """Restore policy, value model, optimizer, scheduler, RNG and trainer state from a checkpoint directory
@@ -735,3 +738,152 @@ class MusicPPOTrainer(CrashSafeCheckpointsMixin, PPOTrainer):
         figure.tight_layout()
         figure.savefig(os.path.join(output_dir, "training_curves.png"), dpi=100)
         plt.close(figure)
+
+    # ------------------------------------------------------------------ publishing (see musicrl_trl.hub)
+    def _capture_hub_sources(self, model, ref_model) -> None:
+        """Remember where the policy and the anchor came from (Hub id or the path given) and the launch command,
+        for the card and ``adapter_config.json``: a model object only keeps ``name_or_path``, which may name a
+        temporary folder that is gone by the time the model is pushed."""
+        self.hub_base_model = hub.model_source(model)
+        self.hub_anchor_model = hub.model_source(ref_model) if ref_model is not None else self.hub_base_model
+        self.hub_command = hub.launch_command()
+        self._hub_license_sources: list[hub.LicenseSource] | None = None
+
+    def _init_hub_publishing(self) -> None:
+        if self.is_peft_model and self.hub_base_model is not None:
+            # peft records the base model's name_or_path at wrapping time; make it the id or path the user gave.
+            for peft_config in self.accelerator.unwrap_model(self.model).policy.peft_config.values():
+                peft_config.base_model_name_or_path = self.hub_base_model
+        self.add_callback(hub.BeforeTrainingSamplesCallback(self))
+
+    def license_resolution(self, override: str | None = None) -> hub.LicenseResolution:
+        """The licence of the trained policy: ``override``, else the most restrictive among the base model, the
+        anchor and every reward model (read from their cards; see :func:`musicrl_trl.hub.resolve_license`)."""
+        from ..reward_models.combination import RewardCombination
+
+        if self._hub_license_sources is None:  # read once: every checkpoint writes a card
+            sources = [hub.find_license(self.hub_base_model, "base model")]
+            if self.hub_anchor_model != self.hub_base_model:
+                sources.append(hub.find_license(self.hub_anchor_model, "KL anchor"))
+            for name, reward in zip(self.reward_names, self.reward_funcs):
+                parts = reward.rewards.items() if isinstance(reward, RewardCombination) else [(name, reward)]
+                for part_name, part in parts:
+                    sources.append(hub.reward_license(part, f"reward '{part_name}'"))
+            self._hub_license_sources = sources
+        return hub.resolve_license(self._hub_license_sources, override)
+
+    def create_model_card(
+        self,
+        model_name: str | None = None,
+        dataset_name: str | None = None,
+        tags: str | list[str] | None = None,
+        output_dir: str | None = None,
+        license: str | None = None,
+        layout: str | None = None,
+        repo_id: str | None = None,
+        sample_url_prefix: str = "",
+    ) -> hub.LicenseResolution | None:
+        """Write the policy card (``hub_cards/policy_card.md.jinja``) to ``output_dir/README.md``, with audio samples
+        of the current policy (``samples/after_*.wav``) and the training curves. Replaces TRL's text-generation card;
+        TRL calls it before every checkpoint, whose folder then gets a copy. Returns the licence resolution."""
+        if not self.is_world_process_zero():
+            return None
+        output_dir = output_dir or self.args.output_dir
+        os.makedirs(output_dir, exist_ok=True)
+        if not sample_url_prefix and self.args.push_to_hub and self.hub_model_id:
+            sample_url_prefix = hub.resolve_url_prefix(self.hub_model_id, self.args.hub_revision)
+        hub.write_policy_samples(self, output_dir, "after")
+        if self.args.plot_training_curves and self.state.log_history:
+            self.write_training_curves(output_dir)
+        resolution = self.license_resolution(license or self.args.hub_license)
+        card = hub.render_policy_card(
+            self, layout or ("adapter" if self.is_peft_model else "full"), resolution,
+            repo_id=repo_id or self.args.hub_model_id, output_dir=output_dir, dataset_name=dataset_name,
+            sample_url_prefix=sample_url_prefix, tags=[tags] if isinstance(tags, str) else (tags or []),
+        )
+        with open(os.path.join(output_dir, hub.CARD_NAME), "w", encoding="utf-8") as handle:
+            handle.write(card)
+        return resolution
+
+    def push_to_hub(
+        self,
+        commit_message: str | None = "End of training",
+        blocking: bool = True,
+        token: str | None = None,
+        revision: str | None = None,
+        private: bool | None = None,
+        **kwargs,
+    ):
+        """Upload the policy, its card, samples and curves to ``args.hub_model_id`` (safetensors/JSON/text only).
+
+        A LoRA policy goes up as ``args.push_lora`` says (``push_lora=`` overrides it): ``"adapter"``, ``"merged"``
+        or ``"both"`` (merged at the root, adapter in ``adapter/``). ``dataset_name=``, ``license=`` and ``tags=`` go
+        to the card. Files the Hub already has are not uploaded again; an unchanged model makes no new commit.
+        Pushing a model with a non-commercial ingredient warns (``NonCommercialLicenseWarning``).
+        """
+        push_lora = kwargs.pop("push_lora", None) or self.args.push_lora
+        if push_lora not in ("adapter", "merged", "both"):
+            raise ValueError(f"push_lora must be 'adapter', 'merged' or 'both', got {push_lora!r}.")
+        self.callback_handler.on_push_begin(self.args, self.state, self.control)
+        token = token if token is not None else self.args.hub_token
+        if self.hub_model_id is None:
+            self.init_hf_repo(token=token, private=private)
+        output_dir = self.args.output_dir
+        self.save_model(output_dir, _internal_call=True)  # on every process (collective under DeepSpeed/FSDP)
+        if not self.is_world_process_zero():
+            return None
+        layout = push_lora if self.is_peft_model else "full"
+        if layout in ("merged", "both"):
+            self._save_merged_policy(os.path.join(output_dir, "merged"))
+        revision = revision or self.args.hub_revision
+        resolution = self.create_model_card(
+            dataset_name=kwargs.pop("dataset_name", None), tags=kwargs.pop("tags", None),
+            license=kwargs.pop("license", None), layout=layout, repo_id=self.hub_model_id,
+            sample_url_prefix=hub.resolve_url_prefix(self.hub_model_id, revision),
+        )
+        if kwargs:
+            raise TypeError(f"push_to_hub got unexpected arguments {sorted(kwargs)}.")
+        hub.warn_license(resolution, self.hub_model_id)
+        self._finish_current_push()
+        return hub.upload_files(
+            self.hub_model_id, self._hub_files(layout), commit_message, token=token, revision=revision,
+            run_as_future=not blocking,
+        )
+
+    def _hub_files(self, layout: str, weights_folder: str | None = None) -> dict[str, str]:
+        """``path_in_repo -> local file`` of a push: the policy from ``weights_folder`` (``output_dir`` or a
+        checkpoint) as ``layout`` says, and the card, samples, curves and log from ``output_dir``."""
+        card_files = hub.hub_files(self.args.output_dir)
+        card_files = {path: local for path, local in card_files.items() if hub.is_card_file(path)}
+        weights = {
+            path: local
+            for path, local in hub.hub_files(weights_folder or self.args.output_dir, subfolders=()).items()
+            if not hub.is_card_file(path) and path not in (VALUE_WEIGHTS_NAME, "trainer_state.json")
+        }
+        if layout in ("merged", "both"):
+            adapter = {f"adapter/{name}": weights[name] for name in hub.ADAPTER_FILES if name in weights}
+            weights = hub.hub_files(os.path.join(self.args.output_dir, "merged"), subfolders=())
+            if layout == "both":
+                weights.update(adapter)
+        return {**weights, **card_files}
+
+    def _save_merged_policy(self, directory: str) -> None:
+        """The LoRA policy merged into its base weights, with the processor: a plain MusicGen checkpoint."""
+        policy = copy.deepcopy(self.accelerator.unwrap_model(self.model).policy).merge_and_unload()
+        policy.generation_config = self.trained_generation_config()
+        policy.save_pretrained(directory)
+        self.processing_class.save_pretrained(directory)
+
+    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
+        """Push a checkpoint's policy (adapter or full weights), card and samples to the repo root, blocking and
+        safetensors-only: ``Trainer``'s version uploads ``training_args.bin``, and its ``hub_strategy="checkpoint"``
+        upload of the whole folder would push optimizer, scheduler and RNG pickles, which stay local here."""
+        if not self.is_world_process_zero() or self.args.hub_strategy == "end":
+            return
+        self.callback_handler.on_push_begin(self.args, self.state, self.control)
+        layout = "adapter" if self.is_peft_model else "full"
+        hub.upload_files(
+            self.hub_model_id, self._hub_files(layout, checkpoint_folder),
+            f"Training in progress, step {self.state.global_step}", token=self.args.hub_token,
+            revision=self.args.hub_revision,
+        )

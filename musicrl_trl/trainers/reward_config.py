@@ -70,6 +70,12 @@ class AudioRewardConfig(TrainingArguments):
             rewards together; a float `tie` value t in [0, 1] gives the soft target 1 - t/2. `"ignore"`: ties are left
             out of the loss. Either way, accuracy counts only pairs with a winner.
 
+        > Parameters that control publishing
+
+        hub_license (`str`, *optional*):
+            Licence id for the card `push_to_hub` writes; default: the licence of the model the reward model starts
+            from, read from its card or config (see `musicrl_trl.hub`).
+
     > [!NOTE]
     > Defaults that differ from [`~transformers.TrainingArguments`], as in TRL's `RewardConfig`:
     > `learning_rate=1e-4`, `logging_steps=10`. Unlike TRL, `bf16` stays off by default: log-mel front-ends and
@@ -170,6 +176,15 @@ class AudioRewardConfig(TrainingArguments):
             "sigmoid(r_chosen - r_rejected) against 1/2; a float tie t gives the target 1 - t/2) or `ignore` (left "
             "out of the loss).",
             "choices": list(TIE_LOSSES),
+        },
+    )
+
+    # Parameters that control publishing
+    hub_license: str | None = field(
+        default=None,
+        metadata={
+            "help": "Licence of the pushed model's card (e.g. 'apache-2.0'); default: the licence of the model the "
+            "reward model starts from, read from its card."
         },
     )
 

@@ -63,6 +63,7 @@ from transformers import (
 )
 from transformers.trainer_utils import EvalPrediction
 
+from .. import hub
 from ..audio import MAX_SAMPLING_RATE, MIN_SAMPLING_RATE, check_sampling_rate, resample
 from ..loading import resolve_pretrained
 from ..reward_models.modeling_music_reward import MusicRewardModel
@@ -501,6 +502,7 @@ class AudioRewardTrainer(CrashSafeCheckpointsMixin, Trainer):
         optimizers: tuple[torch.optim.Optimizer | None, torch.optim.lr_scheduler.LambdaLR | None] = (None, None),
         optimizer_cls_and_kwargs: tuple[type[torch.optim.Optimizer], dict[str, Any]] | None = None,
     ):
+        self._capture_hub_sources(model)  # before a path is loaded or a temporary folder disappears
         if args is None:
             name = model if isinstance(model, str) else (model.config.name_or_path or model.config.model_type)
             args = AudioRewardConfig(f"{os.path.basename(str(name).rstrip('/'))}-reward")
@@ -840,6 +842,95 @@ class AudioRewardTrainer(CrashSafeCheckpointsMixin, Trainer):
             logs["num_skipped_rows"] = self.num_skipped_rows
             self._metrics.clear()
         super().log(logs, start_time)
+
+    # ---- publishing (see musicrl_trl.hub) ---------------------------------------------------------------------------
+
+    def _capture_hub_sources(self, model: PreTrainedModel | str) -> None:
+        """Remember where the starting model came from (Hub id or the path given) and the launch command."""
+        self.hub_base_model = hub.model_source(model)
+        self.hub_command = hub.launch_command()
+
+    def license_resolution(self, override: str | None = None) -> hub.LicenseResolution:
+        """``override``, else the licence of the model the reward model starts from (its card or config)."""
+        return hub.resolve_license([hub.find_license(self.hub_base_model, "base model")], override)
+
+    def create_model_card(
+        self,
+        model_name: str | None = None,
+        dataset_name: str | None = None,
+        tags: str | list[str] | None = None,
+        output_dir: str | None = None,
+        license: str | None = None,
+        repo_id: str | None = None,
+        **kwargs: Any,
+    ) -> hub.LicenseResolution | None:
+        """Write the reward-model card (``hub_cards/reward_card.md.jinja``) to ``output_dir/README.md``; returns the
+        licence resolution. Extra ``Trainer.create_model_card`` arguments (``language``, ``tasks``...) are ignored."""
+        if not self.is_world_process_zero():
+            return None
+        output_dir = output_dir or self.args.output_dir
+        os.makedirs(output_dir, exist_ok=True)
+        resolution = self.license_resolution(license or self.args.hub_license)
+        card = hub.render_reward_card(
+            self, resolution, repo_id=repo_id or self.hub_model_id or self.args.hub_model_id, output_dir=output_dir,
+            dataset_name=dataset_name,
+        )
+        with open(os.path.join(output_dir, hub.CARD_NAME), "w", encoding="utf-8") as handle:
+            handle.write(card)
+        return resolution
+
+    def push_to_hub(
+        self,
+        commit_message: str | None = "End of training",
+        blocking: bool = True,
+        token: str | None = None,
+        revision: str | None = None,
+        private: bool | None = None,
+        **kwargs: Any,
+    ):
+        """Upload the reward model, its feature extractor/processor and card to ``args.hub_model_id``.
+
+        Only safetensors, JSON and text files go up: ``training_args.bin`` (a pickle) stays local. Files the Hub
+        already has are not uploaded again, so pushing an unchanged model makes no new commit. ``dataset_name=`` and
+        ``license=`` go to the card; a non-commercial ingredient warns (``NonCommercialLicenseWarning``).
+        """
+        self.callback_handler.on_push_begin(self.args, self.state, self.control)
+        token = token if token is not None else self.args.hub_token
+        if self.hub_model_id is None:
+            self.init_hf_repo(token=token, private=private)
+        self.save_model(_internal_call=True)
+        if not self.is_world_process_zero():
+            return None
+        dataset_name = kwargs.pop("dataset_name", None) or kwargs.pop("dataset", None)  # Trainer's name: dataset
+        resolution = self.create_model_card(
+            dataset_name=dataset_name, license=kwargs.pop("license", None), repo_id=self.hub_model_id
+        )
+        hub.warn_license(resolution, self.hub_model_id)
+        self._finish_current_push()
+        return hub.upload_files(
+            self.hub_model_id, hub.hub_files(self.args.output_dir, subfolders=()), commit_message, token=token,
+            revision=revision or self.args.hub_revision, run_as_future=not blocking,
+        )
+
+    def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
+        super()._save_checkpoint(model, trial)
+        checkpoint_dir = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
+        if os.path.isdir(checkpoint_dir):
+            self.create_model_card(output_dir=checkpoint_dir)
+
+    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
+        """Push a checkpoint's weights and card, blocking and safetensors-only (``Trainer``'s version uploads
+        ``training_args.bin``, and with ``hub_strategy="checkpoint"`` the optimizer and RNG pickles)."""
+        if not self.is_world_process_zero() or self.args.hub_strategy == "end":
+            return
+        self.callback_handler.on_push_begin(self.args, self.state, self.control)
+        self.create_model_card(output_dir=checkpoint_folder)
+        files = hub.hub_files(checkpoint_folder, subfolders=())
+        files.pop("trainer_state.json", None)
+        hub.upload_files(
+            self.hub_model_id, files, f"Training in progress, step {self.state.global_step}",
+            token=self.args.hub_token, revision=self.args.hub_revision,
+        )
 
 
 def _check_row(*cells: Any, collator: DataCollatorForAudioReward, columns: Sequence[str]) -> dict[str, str]:
