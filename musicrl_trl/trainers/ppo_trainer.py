@@ -401,7 +401,7 @@ class MusicPPOTrainer(PPOTrainer):
             unwrapped = accelerator.unwrap_model(model)
             rollout = generate_rollout(
                 unwrapped.policy, self.processing_class, prompts, num_steps=args.response_length,
-                sampling=self.sampling, max_prompt_length=args.max_prompt_length,
+                sampling=self.sampling, max_prompt_length=args.max_prompt_length, backend=args.rollout_backend,
             )
             # 2. rewards
             scores, per_reward_scores, sample_mask = self._score(rollout)
@@ -534,6 +534,7 @@ class MusicPPOTrainer(PPOTrainer):
         rollout = generate_rollout(
             self.accelerator.unwrap_model(self.model).policy, self.processing_class, prompts,
             num_steps=self.args.response_length, sampling=self.sampling, max_prompt_length=self.args.max_prompt_length,
+            backend=self.args.rollout_backend,
         )
         scores, _, _ = self._score(rollout)
         self.log({"eval/scores": scores.mean().item()})
