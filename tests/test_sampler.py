@@ -213,3 +213,53 @@ def test_samples_follow_generates_distribution():
     chi2 = ((observed[support] - expected[support]) ** 2 / expected[support]).sum().item()
     assert stats.chi2.sf(chi2, df=int(support.sum()) - 1) > 1e-3
     assert not math.isnan(chi2)
+
+
+def loudness(prompts, audio, sampling_rate, codes, **kwargs):
+    return audio.pow(2).mean((1, 2)).sqrt()
+
+
+@pytest.mark.parametrize("guidance_scale", [1.0, 3.0])
+def test_training_run_on_the_static_backend_is_on_policy(tmp_path, guidance_scale):
+    """A whole short MusicPPOTrainer run with rollouts from the static sampler (LoRA policy, the adapter-disabled
+    anchor): every update starts on-policy (ratio 1), the KL starts at 0 and grows, and every adapter trains."""
+    from datasets import Dataset
+
+    from musicrl_trl.trainers import MusicPPOConfig, MusicPPOTrainer
+
+    model, processor = tiny_musicgen()
+    args = MusicPPOConfig(
+        output_dir=str(tmp_path / "run"),
+        per_device_train_batch_size=4,
+        total_episodes=12,
+        response_length=10,
+        learning_rate=1e-3,
+        report_to=[],
+        disable_tqdm=True,
+        seed=0,
+        guidance_scale=guidance_scale,
+        # Not top-k: once the policy moves, its top k holds codes outside the anchor's and the exact KL of the
+        # current trainer is infinite from the second update on, with the "generate" backend just the same.
+        top_k=0,
+        rollout_backend="static",
+    )
+    prompts = ["bright shimmering bells", "deep dark bass", "happy upbeat tune", "slow sad piano"]
+    trainer = MusicPPOTrainer(
+        args,
+        processor,
+        model,
+        reward_model=loudness,
+        train_dataset=Dataset.from_dict({"prompt": prompts * 2}),
+        peft_config=LORA,
+    )
+    policy = trainer.accelerator.unwrap_model(trainer.model).policy
+    before = {name: p.detach().clone() for name, p in policy.named_parameters() if p.requires_grad}
+    trainer.train()
+    logs = [entry for entry in trainer.state.log_history if "objective/kl" in entry]
+    assert len(logs) == 3
+    for entry in logs:
+        assert entry["policy/first_ratio_max_error"] < 1e-4
+        assert abs(entry["val/ratio"] - 1) < 1e-4
+    assert abs(logs[0]["objective/kl"]) < 1e-6 and logs[-1]["objective/kl"] > 0
+    unchanged = [name for name, p in policy.named_parameters() if name in before and torch.equal(p, before[name])]
+    assert not unchanged and all("lora_" in name for name in before)
