@@ -218,6 +218,8 @@ class StaticCacheSampler:
             self.step = torch.compile(_sampling_step, mode="reduce-overhead" if cuda else None, dynamic=False)
         self._buffers_key = None
         self._buffers = None
+        self._cross_key = None
+        self._cross = None
 
     @property
     def musicgen(self) -> nn.Module:
@@ -250,6 +252,25 @@ class StaticCacheSampler:
                     torch._dynamo.mark_static_address(tensor)
             self._buffers, self._buffers_key = buffers, key
         return self._buffers
+
+    def _static_cross(self, keys: list, values: list, mask: torch.Tensor):
+        """The cross-attention keys, values and mask copied into tensors at fixed addresses. A CUDA graph copies every
+        other input into its own memory at each replay: for the cross-attention cache that would be megabytes per
+        decoder step. Reused while the (bucketed) shapes repeat."""
+        key = (mask.shape, keys[0].shape, keys[0].dtype)
+        if self._cross_key != key:
+            self._cross = None
+            self._cross = (
+                [torch.empty_like(k) for k in keys],
+                [torch.empty_like(v) for v in values],
+                torch.empty_like(mask),
+            )
+            for tensor in [*self._cross[0], *self._cross[1], self._cross[2]]:
+                torch._dynamo.mark_static_address(tensor)
+            self._cross_key = key
+        for target, source in zip([*self._cross[0], *self._cross[1], self._cross[2]], [*keys, *values, mask]):
+            target.copy_(source)
+        return self._cross
 
     def _encoder_states(self, prompt_ids, prompt_mask, guided: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """Encoder states [R, L, H] and mask [R, L] exactly as ``generate`` and ``forward`` prepare them."""
@@ -312,6 +333,8 @@ class StaticCacheSampler:
             states, mask = self._encoder_states(prompt_ids, prompt_mask, guided)
             cross_keys, cross_values, cross_mask = self._cross_cache(states, mask)
             buffers = self._buffers_for(batch, 2 * batch if guided else batch, num_steps, dtype, device)
+            if self.compiled and device.type == "cuda":
+                cross_keys, cross_values, cross_mask = self._static_cross(cross_keys, cross_values, cross_mask)
             grid = buffers["grid"]
             grid.fill_(pad_token_id)
             grid[:, :, 0] = start_token_id
