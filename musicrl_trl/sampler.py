@@ -64,27 +64,27 @@ class SampledGrid:
 
 
 def _decoder_step(
-    causal_lm, full_cache: bool, tokens, position, self_keys, self_values, cross_keys, cross_values, cross_mask
+    causal_lm, filled: int | None, tokens, position, self_keys, self_values, cross_keys, cross_values, cross_mask
 ):
     """One decoder step over a static cache, built from a ``MusicgenForCausalLM``'s own modules.
 
     Writes the step's self-attention keys/values [R, E, 1, d] at ``position`` (a one-element long tensor) and returns
-    the logits [R, K, V] that predict the next grid column from ``tokens`` [R, K]. ``full_cache`` selects the
-    shape-static form that ``torch.compile`` captures (attend over all S - 1 cache slots, later ones masked);
-    otherwise only the filled slots are read. The model is an argument, not a closure, so that one compiled graph
-    serves every model of the same architecture and the sampler holds no reference to the model.
+    the logits [R, K, V] that predict the next grid column from ``tokens`` [R, K]. ``filled`` = position + 1 as a
+    Python int reads only the filled slots (eager: no mask, no host sync); ``None`` selects the shape-static form
+    that ``torch.compile`` captures (attend over all S - 1 cache slots, later ones masked). The model is an
+    argument, not a closure, so that one compiled graph serves every model of the same architecture and the sampler
+    holds no reference to the model.
     """
     decoder = causal_lm.model.decoder
     rows = tokens.shape[0]
     # Same sum, in the same order, as MusicgenDecoder.forward (no embedding scale there either).
     hidden = sum(decoder.embed_tokens[k](tokens[:, k : k + 1]) for k in range(tokens.shape[1]))  # [R, 1, H]
     hidden = hidden + decoder.embed_positions.weights.index_select(0, position)
+    full_cache = filled is None
     if full_cache:
         slots = torch.arange(self_keys[0].shape[2], device=tokens.device)
         self_mask = torch.zeros(slots.shape, dtype=hidden.dtype, device=tokens.device)
         self_mask = self_mask.masked_fill(slots > position, float("-inf"))[None]  # [1, S - 1]: the one query
-    else:
-        filled = int(position.item()) + 1
     for index, layer in enumerate(decoder.layers):
         attn = layer.self_attn
         normed = layer.self_attn_layer_norm(hidden)
@@ -135,7 +135,7 @@ def _draw(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
 
 def _sampling_step(
     causal_lm,
-    full_cache: bool,
+    filled: int | None,
     grid,
     code_mask,
     step_logprobs,
@@ -154,7 +154,7 @@ def _sampling_step(
 ) -> None:
     """Grid column ``position`` [1] -> column ``position + 1``: one decoder step, the sampling transform, one draw per
     codebook, the delay pattern, and the records, written in place into ``grid`` [B, K, S] and ``step_logprobs`` /
-    ``step_entropies`` [B, K, S - 1].
+    ``step_entropies`` [B, K, S - 1]. ``filled``: see :func:`_decoder_step`.
 
     Log-probs and entropies come from the probabilities at hand, per row: ``log p(drawn)``,
     ``logsumexp(scores) = score(drawn) - log p(drawn)`` and ``H = logsumexp - sum p * score`` (cells cut by top-k
@@ -167,7 +167,7 @@ def _sampling_step(
     if guided:  # both halves feed the same tokens, as generate repeats decoder_input_ids
         tokens = torch.cat([tokens, tokens])
     logits = _decoder_step(
-        causal_lm, full_cache, tokens, position, self_keys, self_values, cross_keys, cross_values, cross_mask
+        causal_lm, filled, tokens, position, self_keys, self_values, cross_keys, cross_values, cross_mask
     ).float()
     scores = codebooks.sampling_logits(
         logits[:batch], logits[batch:] if guided else None, guidance_scale, temperature, top_k
@@ -206,6 +206,11 @@ class StaticCacheSampler:
     One sampler serves one ``MusicgenForConditionalGeneration`` (peft-wrapped or not: pass the unwrapped model; the
     LoRA layers live inside its modules). It keeps its cache buffers and, with ``compiled=True``, its compiled step
     between calls, so build it once (:func:`static_cache_sampler` does) and call :meth:`sample` for every rollout.
+
+    Compiled graphs are keyed by architecture, batch, rollout length, prompt-length bucket and sampling setting
+    (LoRA on or off is a different graph too). Past ``torch._dynamo.config.recompile_limit`` (8) distinct keys,
+    dynamo runs new ones eagerly, which stays exact but loses the speed: raise the limit for runs that sample many
+    different shapes.
     """
 
     def __init__(self, musicgen: nn.Module, compiled: bool = False):
@@ -340,10 +345,10 @@ class StaticCacheSampler:
             grid[:, :, 0] = start_token_id
             code_mask = codebooks.code_mask(num_codebooks, num_steps + 1, audio_channels, device)  # [K, S]
             positions = [torch.full((1,), step, dtype=torch.long, device=device) for step in range(num_steps)]
-            for position in positions:
+            for step, position in enumerate(positions):
                 self.step(
                     musicgen.decoder,
-                    self.compiled,
+                    None if self.compiled else step + 1,
                     grid,
                     code_mask,
                     buffers["step_logprobs"],
