@@ -263,3 +263,21 @@ def test_training_run_on_the_static_backend_is_on_policy(tmp_path, guidance_scal
     assert abs(logs[0]["objective/kl"]) < 1e-6 and logs[-1]["objective/kl"] > 0
     unchanged = [name for name, p in policy.named_parameters() if name in before and torch.equal(p, before[name])]
     assert not unchanged and all("lora_" in name for name in before)
+
+
+def test_static_with_a_projected_text_encoder():
+    """Text encoder and decoder of different widths (as in every released MusicGen: T5 768 -> 1024): the encoder
+    states go through enc_to_dec_proj, whose bias must not leak into the null condition."""
+    tiny, processor = tiny_musicgen()
+    config = tiny_musicgen_config()
+    config.decoder.update(dict(hidden_size=48, ffn_dim=96, num_attention_heads=3))
+    torch.manual_seed(0)
+    model = MusicgenForConditionalGeneration(config).eval().double()
+    model.generation_config = tiny.generation_config
+    with torch.no_grad():
+        model.enc_to_dec_proj.bias.normal_(0, 1.0)
+    assert model.text_encoder.config.hidden_size != model.decoder.config.hidden_size
+    sampling = SamplingConfig(guidance_scale=3.0, temperature=0.99, top_k=250)
+    torch.manual_seed(0)
+    rollout = generate_rollout(model, processor, PROMPTS, num_steps=10, sampling=sampling, backend="static")
+    check_against_teacher_forcing(model, rollout, sampling)
