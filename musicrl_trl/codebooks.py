@@ -47,6 +47,7 @@ __all__ = [
     "grid_to_codes",
     "steps_to_codes",
     "codes_to_steps",
+    "sampling_logits",
     "sampling_logprobs",
     "gather_logprobs",
     "entropy",
@@ -154,18 +155,18 @@ def codes_to_steps(code_values: torch.Tensor, audio_channels: int = 1) -> torch.
     return steps.scatter_(2, columns.expand(batch, -1, -1), code_values).sum(dim=1)
 
 
-def sampling_logprobs(
+def sampling_logits(
     cond_logits: torch.Tensor,
     uncond_logits: torch.Tensor | None = None,
     guidance_scale: float = 1.0,
     temperature: float = 1.0,
     top_k: int = 0,
 ) -> torch.Tensor:
-    """Log-probabilities [..., V] of the distribution ``generate`` samples from, given decoder logits [..., V].
+    """The scores [..., V] ``generate`` samples from (its ``softmax`` then ``multinomial``), from decoder logits.
 
     Applies, in ``generate``'s order: classifier-free guidance ``uncond + s * (cond - uncond)`` (only when
     ``guidance_scale > 1``, which is when ``generate`` runs the unconditional half), temperature, top-k (``0``
-    keeps the whole codebook). Tokens removed by top-k get ``-inf``.
+    keeps the whole codebook). Tokens removed by top-k get ``-inf``. Float32 whatever the logits' dtype.
     """
     # At least float32 (half-precision logits are upcast as generate's processors see them); float64 stays float64.
     dtype = torch.promote_types(cond_logits.dtype, torch.float32)
@@ -185,7 +186,19 @@ def sampling_logprobs(
         # The k-th largest value, as TopKLogitsWarper takes it; unsorted top-k finds the same value faster.
         kth_value = torch.topk(logits, top_k, dim=-1, sorted=False).values.amin(dim=-1, keepdim=True)
         logits = logits.masked_fill(logits < kth_value, float("-inf"))
-    return torch.log_softmax(logits, dim=-1)
+    return logits
+
+
+def sampling_logprobs(
+    cond_logits: torch.Tensor,
+    uncond_logits: torch.Tensor | None = None,
+    guidance_scale: float = 1.0,
+    temperature: float = 1.0,
+    top_k: int = 0,
+) -> torch.Tensor:
+    """Log-probabilities [..., V] of the distribution ``generate`` samples from, given decoder logits [..., V]:
+    ``log_softmax`` of :func:`sampling_logits` (guidance, temperature, top-k in ``generate``'s order)."""
+    return torch.log_softmax(sampling_logits(cond_logits, uncond_logits, guidance_scale, temperature, top_k), dim=-1)
 
 
 def gather_logprobs(logprobs: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:

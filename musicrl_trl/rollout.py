@@ -3,11 +3,14 @@
 Shape letters as in :mod:`musicrl_trl.codebooks`: B batch, L prompt tokens, K codebooks, T frames,
 S = T + D + 1 grid columns, V codebook size, H decoder hidden size, C audio channels, N audio samples.
 
-:func:`generate_rollout` runs the model's own ``generate`` (so sampling is exactly what users get from
-``model.generate`` and ``pipeline("text-to-audio")``) and records, step by step, the token grid and the
-log-probability of every sampled code under the distribution it was drawn from. :func:`decoder_logits` and
-:func:`teacher_forced_logprobs` recompute the same quantities with one forward pass, for the reference model and
-for training. Both go through :func:`musicrl_trl.codebooks.sampling_logprobs`, so they agree to float precision.
+:func:`generate_rollout` samples a batch and records the token grid and the log-probability of every sampled code
+under the distribution it was drawn from. Its ``backend`` picks how: ``"generate"`` runs the model's own ``generate``
+(exactly what users get from ``model.generate`` and ``pipeline("text-to-audio")``) and records it step by step;
+``"static"`` and ``"compiled"`` run :class:`musicrl_trl.sampler.StaticCacheSampler`, which samples the same
+distribution over a static KV cache in a fraction of the time (the default, :data:`DEFAULT_ROLLOUT_BACKEND`).
+:func:`decoder_logits` and :func:`teacher_forced_logprobs` recompute the same quantities with one forward pass, for
+the reference model and for training. Both go through :func:`musicrl_trl.codebooks.sampling_logits`, so they agree
+to float precision.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria,
 from transformers.modeling_outputs import BaseModelOutput
 
 from . import codebooks
+from .sampler import ROLLOUT_BACKENDS, static_cache_sampler
 
 __all__ = [
     "SamplingConfig",
@@ -27,11 +31,18 @@ __all__ = [
     "unwrap_musicgen",
     "resolve_num_steps",
     "tokenize_prompts",
+    "DEFAULT_ROLLOUT_BACKEND",
     "generate_rollout",
+    "decode_codes",
     "decoder_logits",
     "sampling_log_dist",
     "teacher_forced_logprobs",
 ]
+
+# The fastest backend that needs no compiling, measured on CPU (benchmarks/RESULTS.md, "Rollout backends").
+# "compiled" is faster once compiled but compiles first for every new shape and sampling setting (tens of seconds on
+# CPU), so it is opt-in (MusicPPOConfig.rollout_backend).
+DEFAULT_ROLLOUT_BACKEND = "static"
 
 # Prompts longer than this many tokens are rejected unless the tokenizer declares its own smaller limit. T5 has
 # relative positions and no hard limit, but MusicGen was trained on short descriptions.
@@ -224,8 +235,9 @@ def generate_rollout(
     duration_s: float | None = None,
     sampling: SamplingConfig | None = None,
     max_prompt_length: int | None = None,
+    backend: str = DEFAULT_ROLLOUT_BACKEND,
 ) -> MusicRollout:
-    """Sample music for ``prompts`` with ``model.generate`` and record everything RL needs.
+    """Sample music for ``prompts`` and record everything RL needs.
 
     Args:
         model: ``MusicgenForConditionalGeneration``, optionally peft-wrapped and/or quantized.
@@ -235,7 +247,13 @@ def generate_rollout(
         sampling: guidance, temperature and top-k (the model's generation_config is overridden with these, and
             other warpers such as top-p are switched off, so the recorded log-probs describe what was sampled).
         max_prompt_length: longest prompt accepted, in tokens.
+        backend: ``"generate"`` drives ``model.generate`` itself; ``"static"`` and ``"compiled"`` run
+            :class:`musicrl_trl.sampler.StaticCacheSampler` (static KV cache, eagerly or through ``torch.compile``),
+            which draws from the same distribution in a fraction of the time (with other random numbers: one seed
+            gives other codes than ``generate``).
     """
+    if backend not in ROLLOUT_BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(map(repr, ROLLOUT_BACKENDS))}, got {backend!r}.")
     sampling = sampling or SamplingConfig()
     musicgen = unwrap_musicgen(model)
     num_codebooks = musicgen.decoder.num_codebooks
@@ -244,6 +262,10 @@ def generate_rollout(
     num_steps = resolve_num_steps(musicgen, num_steps, duration_s)
     prompt_ids, prompt_mask = tokenize_prompts(processor, prompts, musicgen.device, max_prompt_length)
     batch = prompt_ids.shape[0]
+    if backend != "generate":
+        return _static_cache_rollout(
+            musicgen, prompts, prompt_ids, prompt_mask, num_steps, sampling, compiled=backend == "compiled"
+        )
 
     stash = _StashDecoderLogits()
     recorder = _RecordSampledCodes(stash, sampling)
@@ -293,6 +315,43 @@ def generate_rollout(
         entropies=per_code(recorder.step_entropies).mean(-1),
         sampling=sampling,
     )
+
+
+def _static_cache_rollout(
+    musicgen, prompts, prompt_ids, prompt_mask, num_steps: int, sampling: SamplingConfig, compiled: bool
+) -> MusicRollout:
+    audio_channels = musicgen.decoder.config.audio_channels
+    sampled = static_cache_sampler(musicgen, compiled=compiled).sample(
+        prompt_ids, prompt_mask, num_steps, sampling.guidance_scale, sampling.temperature, sampling.top_k
+    )
+    logprobs = codebooks.steps_to_codes(sampled.step_logprobs, audio_channels)
+    codes = codebooks.grid_to_codes(sampled.grid, audio_channels)
+    return MusicRollout(
+        prompts=list(prompts),
+        prompt_ids=prompt_ids,
+        prompt_mask=prompt_mask,
+        grid=sampled.grid,
+        codes=codes,
+        audio=decode_codes(musicgen, codes).float(),
+        sampling_rate=musicgen.config.audio_encoder.sampling_rate,
+        logprobs=logprobs,
+        entropies=codebooks.steps_to_codes(sampled.step_entropies, audio_channels).mean(-1),
+        sampling=sampling,
+    )
+
+
+@torch.no_grad()
+def decode_codes(model: torch.nn.Module, codes: torch.Tensor) -> torch.Tensor:
+    """Waveforms [B, C, N] of codes [B, K, T], decoded by the model's codec exactly as ``generate`` does (stereo:
+    even codebooks are the left channel, odd ones the right)."""
+    musicgen = unwrap_musicgen(model)
+    frames = codes[None]  # the codec's leading chunk dimension
+    scales = [None] * codes.shape[0]
+    if musicgen.decoder.config.audio_channels == 1:
+        return musicgen.audio_encoder.decode(frames, audio_scales=scales).audio_values
+    left = musicgen.audio_encoder.decode(frames[:, :, ::2], audio_scales=scales).audio_values
+    right = musicgen.audio_encoder.decode(frames[:, :, 1::2], audio_scales=scales).audio_values
+    return torch.cat([left, right], dim=1)
 
 
 def decoder_logits(

@@ -34,7 +34,7 @@ def test_teacher_forced_logprobs_equal_sampled_logprobs(layout, sampling, reques
     model, processor = request.getfixturevalue(layout)
     channels = model.decoder.config.audio_channels
     torch.manual_seed(0)
-    rollout = generate_rollout(model, processor, PROMPTS, num_steps=24, sampling=sampling)
+    rollout = generate_rollout(model, processor, PROMPTS, num_steps=24, sampling=sampling, backend="generate")
     with torch.no_grad():
         recomputed = teacher_forced_logprobs(
             model, rollout.prompt_ids, rollout.prompt_mask, rollout.grid, sampling, channels
@@ -60,7 +60,7 @@ def test_rollout_records_what_plain_generate_samples(layout, request):
     model, processor = request.getfixturevalue(layout)
     sampling = SamplingConfig(guidance_scale=3.0, temperature=0.99, top_k=250)
     torch.manual_seed(123)
-    rollout = generate_rollout(model, processor, PROMPTS, num_steps=16, sampling=sampling)
+    rollout = generate_rollout(model, processor, PROMPTS, num_steps=16, sampling=sampling, backend="generate")
 
     keep = _KeepIds()
     torch.manual_seed(123)

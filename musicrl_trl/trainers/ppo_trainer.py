@@ -470,7 +470,7 @@ class MusicPPOTrainer(CrashSafeCheckpointsMixin, PPOTrainer):
             tic = time.perf_counter()
             rollout = generate_rollout(
                 unwrapped.policy, self.processing_class, prompts, num_steps=args.response_length,
-                sampling=self.sampling, max_prompt_length=args.max_prompt_length,
+                sampling=self.sampling, max_prompt_length=args.max_prompt_length, backend=args.rollout_backend,
             )
             timing = {"rollout": time.perf_counter() - tic}
             # 2. rewards
@@ -627,6 +627,7 @@ class MusicPPOTrainer(CrashSafeCheckpointsMixin, PPOTrainer):
         rollout = generate_rollout(
             self.accelerator.unwrap_model(self.model).policy, self.processing_class, prompts,
             num_steps=self.args.response_length, sampling=self.sampling, max_prompt_length=self.args.max_prompt_length,
+            backend=self.args.rollout_backend,
         )
         scores, _, _ = self._score(rollout)
         self.log({"eval/scores": scores.mean().item()})
