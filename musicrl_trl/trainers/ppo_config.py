@@ -55,6 +55,11 @@ class MusicPPOConfig(PPOConfig):
         plot_training_curves (`bool`, defaults to `True`): write `training_curves.png` (reward against KL and
             against step) and `log_history.json` to `output_dir` at the end of training.
 
+    Parameters that control evaluation (`trainer.evaluate()`, and every `eval_steps` with `eval_strategy="steps"`):
+        eval_num_samples_per_prompt (`int`, defaults to `4`): clips sampled per prompt of `eval_dataset`; logged as
+            `eval/scores`, `eval/rewards/<name>/mean`, `eval/kl` (exact KL to the anchor, nats per clip),
+            `eval/entropy_q{k}` and `eval/diversity/*` (spread of the clips of one prompt).
+
     These parameters have other defaults than in TRL's `PPOConfig`: `temperature` 0.99, `num_ppo_epochs` 1,
     `lam` 1.0, `kl_estimator` "full", `response_length` 253, `bf16` False and `gradient_checkpointing` False (the
     tiny offline default runs on CPU), `logging_steps` 1, `per_device_train_batch_size` 4, `save_strategy` "no".
@@ -124,6 +129,15 @@ class MusicPPOConfig(PPOConfig):
         default=True, metadata={"help": "Write training_curves.png and log_history.json at the end of training."}
     )
 
+    # Evaluation
+    eval_num_samples_per_prompt: int = field(
+        default=4,
+        metadata={
+            "help": "Clips per eval prompt in evaluate() (every eval_steps with eval_strategy='steps'): their spread "
+            "gives the diversity metrics."
+        },
+    )
+
     def __post_init__(self):
         super().__post_init__()
         if self.kl_estimator not in ("full", "k1", "k3"):
@@ -140,3 +154,5 @@ class MusicPPOConfig(PPOConfig):
             raise ValueError(f"gamma and lam must lie in [0, 1], got gamma={self.gamma}, lam={self.lam}.")
         if self.reward_weights is not None and any(w != w for w in self.reward_weights):
             raise ValueError("reward_weights contains NaN.")
+        if self.eval_num_samples_per_prompt < 1:
+            raise ValueError(f"eval_num_samples_per_prompt must be >= 1, got {self.eval_num_samples_per_prompt}.")
