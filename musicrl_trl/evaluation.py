@@ -535,7 +535,7 @@ def sample_policy(
     base_processor: Any = None,
     embedding: Any = None,
     batch_size: int | None = None,
-    keep_audio: bool = False,
+    keep_audio: int = 0,
     progress: Callable[[int], None] | None = None,
 ) -> PolicySamples:
     """Sample ``num_samples_per_prompt`` clips per prompt and score them.
@@ -543,6 +543,8 @@ def sample_policy(
     Prompt ``i`` is sampled with the torch RNG seeded to ``seed + i`` (chunks of ``batch_size`` clips continue that
     stream), so two policies evaluated with the same seed draw with the same random numbers (common random numbers:
     the paired comparison then measures the policies, not the dice), and a policy against itself ties everywhere.
+    The clips of the first ``keep_audio`` prompts are kept in ``PolicySamples.audio`` (the rest are scored and
+    dropped, so memory does not grow with the prompt set). ``base=None`` skips the KL.
     """
     embedding = embedding or LogMelEmbedding()
     batch_size = batch_size or num_samples_per_prompt
@@ -573,7 +575,7 @@ def sample_policy(
             kls.append(torch.cat([r[2] for r in rollouts]))
         entropies.append(torch.cat([r[3] for r in rollouts]))
         spread.append(diversity(embedding(audio, sampling_rate).cpu(), embedding.metric, embedding.bandwidth))
-        if keep_audio:
+        if index < keep_audio:
             kept.append(audio.cpu())
         if progress is not None:
             progress(index + 1)
@@ -654,7 +656,7 @@ def evaluate_policies(
     batch_size: int | None = None,
     device: torch.device | str | None = None,
     processors: dict[str, Any] | None = None,
-    keep_audio: bool = False,
+    keep_audio: int = 0,
     progress: Callable[[str, int, int], None] | None = None,
 ) -> dict[str, Any]:
     """Side-by-side evaluation of policy A against policy B, with drift to ``base_model`` and diversity.
@@ -665,6 +667,8 @@ def evaluate_policies(
     "is the tuned A better than its base B, and how far did it move?"). ``embedding`` is ``"log_mel"`` or the name
     of a loaded model reward (``"adherence"``, ``"quality"``, ``"preference"``) whose audio encoder embeds clips.
     ``processors`` maps ``"a"``, ``"b"``, ``"base"`` to processors for policies given as model objects.
+    ``keep_audio``: keep the clips of that many prompts per policy under ``results["_samples"]`` (not written to
+    JSON).
 
     Returns the dictionary written to ``results.json`` (see :func:`write_results`).
     """
