@@ -178,8 +178,16 @@ def trained_dir(tmp_path_factory, base_dir):
     model = MusicgenForConditionalGeneration.from_pretrained(base_dir)  # trainable (load_policy freezes)
     processor = MusicgenProcessor.from_pretrained(base_dir)
     args = MusicPPOConfig(
-        output_dir=str(output_dir), per_device_train_batch_size=8, total_episodes=8 * 30, response_length=12,
-        learning_rate=1e-2, lr_scheduler_type="constant", kl_coef=1e-3, report_to=[], disable_tqdm=True, seed=0,
+        output_dir=str(output_dir),
+        per_device_train_batch_size=8,
+        total_episodes=8 * 30,
+        response_length=12,
+        learning_rate=1e-2,
+        lr_scheduler_type="constant",
+        kl_coef=1e-3,
+        report_to=[],
+        disable_tqdm=True,
+        seed=0,
     )
     trainer = MusicPPOTrainer(
         args, processor, model, reward_model=TRAIN_REWARD, train_dataset=Dataset.from_dict({"prompt": PROMPTS * 4})
@@ -191,7 +199,12 @@ def trained_dir(tmp_path_factory, base_dir):
 
 def test_policy_against_itself_ties_with_zero_kl(base_dir):
     results = evaluate_policies(
-        base_dir, base_dir, PROMPTS, ["loudness", "brightness"], num_samples_per_prompt=2, response_length=10,
+        base_dir,
+        base_dir,
+        PROMPTS,
+        ["loudness", "brightness"],
+        num_samples_per_prompt=2,
+        response_length=10,
         num_resamples=500,
     )
     for name in ("loudness", "brightness"):
@@ -205,7 +218,10 @@ def test_policy_against_itself_ties_with_zero_kl(base_dir):
     # With independent draws (other seeds for B) the same policy wins about half of the prompts, not significantly.
     model, processor = load_policy(base_dir)
     settings = dict(
-        prompts=EVAL_PROMPTS * 2, rewards={"loudness": TRAIN_REWARD}, num_samples_per_prompt=2, num_steps=10,
+        prompts=EVAL_PROMPTS * 2,
+        rewards={"loudness": TRAIN_REWARD},
+        num_samples_per_prompt=2,
+        num_steps=10,
         sampling=SamplingConfig(temperature=0.99),
     )
     a = sample_policy(model, processor, seed=0, **settings)
@@ -217,8 +233,13 @@ def test_policy_against_itself_ties_with_zero_kl(base_dir):
 
 def test_policy_trained_on_a_signal_reward_beats_its_base(base_dir, trained_dir):
     results = evaluate_policies(
-        trained_dir, base_dir, EVAL_PROMPTS, {"loudness": TRAIN_REWARD}, num_samples_per_prompt=4,
-        response_length=12, num_resamples=2000,
+        trained_dir,
+        base_dir,
+        EVAL_PROMPTS,
+        {"loudness": TRAIN_REWARD},
+        num_samples_per_prompt=4,
+        response_length=12,
+        num_resamples=2000,
     )
     loudness = results["rewards"]["loudness"]
     assert loudness["mean_a"] > loudness["mean_b"]
@@ -228,7 +249,8 @@ def test_policy_trained_on_a_signal_reward_beats_its_base(base_dir, trained_dir)
     assert results["kl_to_base"]["a"] > 1.0 and results["kl_to_base"]["b"] == 0.0
     assert len(results["diversity"]["a"]["entropy_per_codebook"]) == 4
     # The tuned policy moved towards louder codes: its token distributions narrowed.
-    assert sum(results["diversity"]["a"]["entropy_per_codebook"]) < sum(results["diversity"]["b"]["entropy_per_codebook"])
+    entropy_a, entropy_b = (results["diversity"][side]["entropy_per_codebook"] for side in ("a", "b"))
+    assert sum(entropy_a) < sum(entropy_b)
     assert results["num_prompts"] == len(EVAL_PROMPTS) and results["num_samples_per_prompt"] == 4
 
 
@@ -241,7 +263,12 @@ def test_lora_adapter_loads_on_its_base_and_its_kl_is_measured(tmp_path, base_di
     loaded, loaded_processor = load_policy(str(tmp_path / "adapter"))
     assert isinstance(loaded, PeftModel)
     results = evaluate_policies(
-        str(tmp_path / "adapter"), base_dir, PROMPTS, ["loudness"], num_samples_per_prompt=2, response_length=10,
+        str(tmp_path / "adapter"),
+        base_dir,
+        PROMPTS,
+        ["loudness"],
+        num_samples_per_prompt=2,
+        response_length=10,
         num_resamples=200,
     )
     assert results["kl_to_base"]["a"] > 0 and results["kl_to_base"]["b"] == 0.0
@@ -251,8 +278,14 @@ def test_lora_adapter_loads_on_its_base_and_its_kl_is_measured(tmp_path, base_di
 def test_diversity_from_a_reward_models_audio_encoder(tmp_path, base_dir):
     clap_dir = save_tiny_clap(tmp_path / "clap")
     results = evaluate_policies(
-        base_dir, base_dir, PROMPTS[:2], [f"adherence={clap_dir}"], num_samples_per_prompt=3, response_length=10,
-        embedding="adherence", num_resamples=200,
+        base_dir,
+        base_dir,
+        PROMPTS[:2],
+        [f"adherence={clap_dir}"],
+        num_samples_per_prompt=3,
+        response_length=10,
+        embedding="adherence",
+        num_resamples=200,
     )
     spread = results["diversity"]["a"]
     assert spread["embedding"] == "adherence" and spread["metric"] == "cosine"
@@ -318,7 +351,8 @@ def test_evaluate_modules_load_offline_and_match_the_library(tmp_path, monkeypat
     win_rate = evaluate.load(WIN_RATE)
     assert win_rate.compute(scores_a=scores_a, scores_b=scores_b) == paired_comparison(scores_a, scores_b)
     clips_a, clips_b = rng.normal(0.5, 1, (6, 3)), rng.normal(0, 1, (6, 3))
-    assert win_rate.compute(scores_a=clips_a.tolist(), scores_b=clips_b.tolist()) == paired_comparison(clips_a, clips_b)
+    by_clip = win_rate.compute(scores_a=clips_a.tolist(), scores_b=clips_b.tolist())
+    assert by_clip == paired_comparison(clips_a, clips_b)
 
     clap_dir = save_tiny_clap(tmp_path / "clap")
     prompts = ["calm piano", "loud rock guitar", "shimmering bells"]
@@ -336,14 +370,26 @@ def test_evaluate_modules_load_offline_and_match_the_library(tmp_path, monkeypat
 def _trainer(tmp_path, name, **overrides):
     model, processor = tiny_musicgen()
     settings = dict(
-        output_dir=str(tmp_path / name), per_device_train_batch_size=4, total_episodes=4 * 4, response_length=10,
-        learning_rate=1e-2, lr_scheduler_type="constant", report_to=[], disable_tqdm=True, seed=0,
-        plot_training_curves=False, eval_num_samples_per_prompt=3,
+        output_dir=str(tmp_path / name),
+        per_device_train_batch_size=4,
+        total_episodes=4 * 4,
+        response_length=10,
+        learning_rate=1e-2,
+        lr_scheduler_type="constant",
+        report_to=[],
+        disable_tqdm=True,
+        seed=0,
+        plot_training_curves=False,
+        eval_num_samples_per_prompt=3,
     )
     settings.update(overrides)
     return MusicPPOTrainer(
-        MusicPPOConfig(**settings), processor, model, reward_model=TRAIN_REWARD,
-        train_dataset=Dataset.from_dict({"prompt": PROMPTS * 2}), eval_dataset=Dataset.from_dict({"prompt": PROMPTS}),
+        MusicPPOConfig(**settings),
+        processor,
+        model,
+        reward_model=TRAIN_REWARD,
+        train_dataset=Dataset.from_dict({"prompt": PROMPTS * 2}),
+        eval_dataset=Dataset.from_dict({"prompt": PROMPTS}),
     )
 
 
@@ -351,8 +397,14 @@ def test_trainer_evaluate_works_and_logs_drift_every_eval_steps(tmp_path):
     trainer = _trainer(tmp_path, "eval", eval_strategy="steps", eval_steps=2)
     metrics = trainer.evaluate()
     assert metrics["eval/kl"] == 0.0  # before training the policy is the anchor
-    for key in ("eval/scores", "eval/rewards/loudness/mean", "eval/entropy_q0", "eval/entropy_q3",
-                "eval/diversity/mean_pairwise_distance", "eval/diversity/vendi_score"):
+    for key in (
+        "eval/scores",
+        "eval/rewards/loudness/mean",
+        "eval/entropy_q0",
+        "eval/entropy_q3",
+        "eval/diversity/mean_pairwise_distance",
+        "eval/diversity/vendi_score",
+    ):
         assert np.isfinite(metrics[key])
     assert 1.0 <= metrics["eval/diversity/vendi_score"] <= 3.0
     assert trainer.evaluate() == metrics  # fixed seeds: the same clips every time
@@ -375,11 +427,17 @@ def test_trainer_evaluate_works_and_logs_drift_every_eval_steps(tmp_path):
 def test_trainer_eval_strategy_needs_an_eval_dataset(tmp_path):
     model, processor = tiny_musicgen()
     args = MusicPPOConfig(
-        output_dir=str(tmp_path / "x"), total_episodes=4, per_device_train_batch_size=4, response_length=10,
-        report_to=[], eval_strategy="steps", eval_steps=1,
+        output_dir=str(tmp_path / "x"),
+        total_episodes=4,
+        per_device_train_batch_size=4,
+        response_length=10,
+        report_to=[],
+        eval_strategy="steps",
+        eval_steps=1,
     )
     with pytest.raises(ValueError, match="eval_dataset"):
-        MusicPPOTrainer(args, processor, model, reward_model=TRAIN_REWARD,
-                        train_dataset=Dataset.from_dict({"prompt": PROMPTS}))
+        MusicPPOTrainer(
+            args, processor, model, reward_model=TRAIN_REWARD, train_dataset=Dataset.from_dict({"prompt": PROMPTS})
+        )
     with pytest.raises(ValueError, match="eval_num_samples_per_prompt"):
         MusicPPOConfig(output_dir=str(tmp_path / "y"), eval_num_samples_per_prompt=0, report_to=[])
