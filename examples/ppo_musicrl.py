@@ -63,6 +63,14 @@ class ScriptArguments:
     ref_model: str | None = field(
         default=None, metadata={"help": "KL anchor (id or path); default: the recipe's, else the starting policy."}
     )
+    eval_dataset_name: str | None = field(
+        default=None,
+        metadata={
+            "help": "Prompts for trainer.evaluate() every eval_steps (with --eval_strategy steps): a dataset id or "
+            "path with a 'prompt' column; default: --dataset_name's --eval_dataset_split, or the demo prompts."
+        },
+    )
+    eval_dataset_split: str = field(default="test", metadata={"help": "Split of the eval prompts."})
 
 
 def load_policy(model_args: ModelConfig):
@@ -82,6 +90,19 @@ def load_prompts(script_args: ScriptArguments) -> Dataset:
     if script_args.dataset_name is None:
         return Dataset.from_dict({"prompt": DEMO_PROMPTS * 4})
     dataset = load_dataset(script_args.dataset_name, split=script_args.dataset_split)
+    if script_args.prompt_column != "prompt":
+        dataset = dataset.rename_column(script_args.prompt_column, "prompt")
+    return dataset.select_columns(["prompt"])
+
+
+def load_eval_prompts(script_args: ScriptArguments, training_args: MusicPPOConfig) -> Dataset | None:
+    """Prompts on which the trainer logs rewards, KL to the anchor and diversity (eval/*) every eval_steps."""
+    if training_args.eval_strategy == "no":
+        return None
+    name = script_args.eval_dataset_name or script_args.dataset_name
+    if name is None:
+        return Dataset.from_dict({"prompt": DEMO_PROMPTS})
+    dataset = load_dataset(name, split=script_args.eval_dataset_split)
     if script_args.prompt_column != "prompt":
         dataset = dataset.rename_column(script_args.prompt_column, "prompt")
     return dataset.select_columns(["prompt"])
@@ -130,6 +151,7 @@ def main():
         ref_model=ref_model,
         reward_model=rewards,
         train_dataset=train_dataset,
+        eval_dataset=load_eval_prompts(script_args, training_args),
         peft_config=get_peft_config(model_args),
     )
     trainer.train()

@@ -1,6 +1,7 @@
 """musicrl_trl.evaluation: side-by-side statistics against known answers, drift and diversity, policy comparisons on
 tiny offline models, the shipped `evaluate` modules, trainer.evaluate(), and bad input caught before sampling."""
 
+import fnmatch
 import itertools
 import json
 import os
@@ -441,3 +442,31 @@ def test_trainer_eval_strategy_needs_an_eval_dataset(tmp_path):
         )
     with pytest.raises(ValueError, match="eval_num_samples_per_prompt"):
         MusicPPOConfig(output_dir=str(tmp_path / "y"), eval_num_samples_per_prompt=0, report_to=[])
+
+
+def test_trainer_evaluate_with_lora_measures_drift_from_the_adapter_free_anchor(tmp_path):
+    model, processor = tiny_musicgen()
+    args = MusicPPOConfig(
+        output_dir=str(tmp_path / "lora"), per_device_train_batch_size=4, total_episodes=8, response_length=10,
+        learning_rate=1e-2, lr_scheduler_type="constant", report_to=[], disable_tqdm=True, seed=0,
+        plot_training_curves=False, eval_num_samples_per_prompt=2, save_merged_lora=False,
+    )  # fmt: skip
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"])
+    trainer = MusicPPOTrainer(
+        args, processor, model, reward_model=TRAIN_REWARD, train_dataset=Dataset.from_dict({"prompt": PROMPTS}),
+        eval_dataset=Dataset.from_dict({"prompt": PROMPTS[:2]}), peft_config=lora,
+    )  # fmt: skip
+    assert trainer.ref_model is None
+    assert trainer.evaluate()["eval/kl"] == 0.0  # LoRA's B starts at zero: the policy is the anchor
+    trainer.train()
+    assert trainer.evaluate(metric_key_prefix="final")["final/kl"] > 0
+
+
+def test_evaluate_modules_are_package_data():
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    with open(os.path.join(os.path.dirname(__file__), "..", "pyproject.toml"), "rb") as f:
+        package_data = tomllib.load(f)["tool"]["setuptools"]["package-data"]["musicrl_trl.metrics"]
+    for module in (WIN_RATE, CLAP_SCORE):
+        script = os.path.join(os.path.basename(module), os.path.basename(module) + ".py")
+        assert os.path.isfile(os.path.join(module, os.path.basename(script)))
+        assert any(fnmatch.fnmatch(script, pattern) for pattern in package_data)
