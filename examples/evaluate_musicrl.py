@@ -77,6 +77,9 @@ class EvaluationArguments:
             "(adherence, quality, preference) whose audio encoder embeds the clips."
         },
     )
+    bandwidth_db: float = field(
+        default=3.0, metadata={"help": "log_mel embedding: kernel scale in dB for the Vendi score's similarities."}
+    )
     tie_tolerance: float = field(default=0.0, metadata={"help": "Per-prompt differences up to this are ties."})
     num_resamples: int = field(default=10_000, metadata={"help": "Bootstrap resamples for the 95 % intervals."})
     batch_size: int | None = field(
@@ -112,6 +115,7 @@ def main():
             sampling=SamplingConfig(args.guidance_scale, args.temperature, args.top_k),
             seed=args.seed,
             embedding=args.embedding,
+            bandwidth_db=args.bandwidth_db,
             tie_tolerance=args.tie_tolerance,
             num_resamples=args.num_resamples,
             batch_size=args.batch_size,

@@ -221,7 +221,9 @@ class LogMelEmbedding:
     in dB (``2 * num_mel_bins`` numbers: the average spectrum and how much each band moves).
 
     Distances between such embeddings are root-mean-square differences in dB (``metric = "euclidean"``); the
-    similarity for the Vendi score is the Gaussian kernel ``exp(-d^2 / (2 * bandwidth_db^2))``.
+    similarity for the Vendi score is the Gaussian kernel ``exp(-d^2 / (2 * bandwidth_db^2))``: clips about
+    ``bandwidth_db`` apart per feature count as 0.6 alike. A fixed scale, so that scores compare across policies
+    and runs evaluated with the same settings; it is not calibrated against listeners.
 
     >>> embed = LogMelEmbedding()
     >>> embed(0.1 * torch.randn(2, 1, 16_000), sampling_rate=16_000).shape
@@ -237,7 +239,7 @@ class LogMelEmbedding:
         num_mel_bins: int = 64,
         n_fft: int = 1024,
         hop_length: int = 320,
-        bandwidth_db: float = 6.0,
+        bandwidth_db: float = 3.0,
     ) -> None:
         if bandwidth_db <= 0:
             raise ValueError(f"bandwidth_db must be > 0, got {bandwidth_db}.")
@@ -651,6 +653,7 @@ def evaluate_policies(
     sampling: SamplingConfig | None = None,
     seed: int = 0,
     embedding: str = "log_mel",
+    bandwidth_db: float = 3.0,
     tie_tolerance: float = 0.0,
     num_resamples: int = 10_000,
     batch_size: int | None = None,
@@ -665,7 +668,8 @@ def evaluate_policies(
     (specs for :func:`load_reward` or ``{name: callable}``), policies and base (paths, Hub ids, LoRA adapters or
     models; same codebooks and rates), the clip length. ``base_model`` defaults to policy B (the usual question:
     "is the tuned A better than its base B, and how far did it move?"). ``embedding`` is ``"log_mel"`` or the name
-    of a loaded model reward (``"adherence"``, ``"quality"``, ``"preference"``) whose audio encoder embeds clips.
+    of a loaded model reward (``"adherence"``, ``"quality"``, ``"preference"``) whose audio encoder embeds clips;
+    ``bandwidth_db`` is the log-mel kernel's scale (see :class:`LogMelEmbedding`).
     ``processors`` maps ``"a"``, ``"b"``, ``"base"`` to processors for policies given as model objects.
     ``keep_audio``: keep the clips of that many prompts per policy under ``results["_samples"]`` (not written to
     JSON).
@@ -691,7 +695,7 @@ def evaluate_policies(
         if not callable(reward):
             raise ValueError(f"reward {name!r} is not callable.")
     if embedding == "log_mel":
-        embedder = LogMelEmbedding()
+        embedder = LogMelEmbedding(bandwidth_db=bandwidth_db)
     elif embedding in reward_funcs:
         embedder = RewardModelEmbedding(reward_funcs[embedding], embedding)
     else:
@@ -829,11 +833,13 @@ def plot_results(results: dict[str, Any], output_dir: str) -> list[str]:
     figure, axes = plt.subplots(2, len(names), figsize=(4 * len(names), 7), squeeze=False)
     for column, name in enumerate(names):
         r = results["rewards"][name]
-        bars = axes[0, column]
+        means = axes[0, column]
         for x, side, color in ((0, "a", "tab:orange"), (1, "b", "tab:blue")):
             mean, (low, high) = r[f"mean_{side}"], r[f"ci95_{side}"]
-            bars.bar(x, mean, color=color, yerr=[[mean - low], [high - mean]], capsize=6)
-        bars.set(
+            # Points, not bars: the axis is zoomed to the intervals, where bar lengths would mislead.
+            means.errorbar(x, mean, yerr=[[mean - low], [high - mean]], fmt="o", color=color, markersize=8, capsize=6)
+        means.set(
+            xlim=(-0.5, 1.5),
             xticks=[0, 1],
             xticklabels=["A", "B"],
             title=f"{name}: win rate A {r['win_rate']:.2f}, p={r['wilcoxon_p']:.2g}",
@@ -841,7 +847,7 @@ def plot_results(results: dict[str, Any], output_dir: str) -> list[str]:
         low = min(r["ci95_a"][0], r["ci95_b"][0])
         high = max(r["ci95_a"][1], r["ci95_b"][1])
         margin = 0.5 * (high - low) + 1e-6
-        bars.set_ylim(low - margin, high + margin)
+        means.set_ylim(low - margin, high + margin)
         scatter = axes[1, column]
         a = [row[name]["a"] for row in results["per_prompt"]]
         b = [row[name]["b"] for row in results["per_prompt"]]
@@ -927,7 +933,8 @@ def plot_training_runs(
     """The paper's training plots for several runs on one figure: each reward against the KL to the anchor (left
     column) and against the update step (right column), one line per run.
 
-    ``reward_keys`` default: ``objective/scores`` and every ``rewards/<name>/mean`` the runs logged (one row each).
+    ``reward_keys`` default: every ``rewards/<name>/mean`` the runs logged, after ``objective/scores`` (the weighted
+    combination) when there are several (one row each).
     Evaluation entries (``eval/*``, logged every ``eval_steps``) are drawn as markers when present.
     """
     if not runs:
@@ -943,7 +950,8 @@ def plot_training_runs(
                 for key in entry:
                     if key.startswith("rewards/") and key.endswith("/mean") and key not in found:
                         found.append(key)
-        reward_keys = ["objective/scores", *found]
+        # One reward: objective/scores is that reward again. Several: the combination first, then each.
+        reward_keys = found if len(found) == 1 else ["objective/scores", *found]
     reward_keys = [key for key in reward_keys if any(key in entry for history in histories for entry in history)]
     if not reward_keys:
         raise ValueError(f"none of the runs logged a reward ({', '.join(runs)}); nothing to plot.")
@@ -963,7 +971,7 @@ def plot_training_runs(
                 label=label,
             )
             axes[row, 1].plot(steps, values, color=color, label=label)
-            eval_key = "eval/" + key.split("/", 1)[1] if key.startswith("rewards/") else "eval/scores"
+            eval_key = "eval/scores" if key == "objective/scores" else f"eval/{key}"  # MusicPPOTrainer.evaluate
             evals = [e for e in history if eval_key in e]
             if evals:
                 axes[row, 1].plot(
