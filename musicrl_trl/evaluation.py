@@ -191,6 +191,9 @@ def kl_per_clip(
     a one-sample estimate over clips of the sequence-level KL, exact within each clip. Both distributions go through
     the same sampling transform (``sampling``, default the rollout's). ``base_processor`` re-tokenises the prompts
     for a base with another text tokenizer (default: the rollout's prompt ids are used as they are).
+
+    With top-k the KL is infinite as soon as the policy can draw a code outside the base's top k (the two supports
+    differ); MusicRL sampled from the whole codebook (``top_k=0``), where it is always finite.
     """
     sampling = sampling or rollout.sampling
     audio_channels = rollout.audio_channels
@@ -402,13 +405,18 @@ def load_reward(spec: str, device: torch.device | str | None = None) -> tuple[st
         ) from error
 
 
-def load_prompts(source: str | Sequence[str], split: str = "train", column: str = "prompt") -> list[str]:
+def load_prompts(source: Any, split: str = "train", column: str = "prompt") -> list[str]:
     """Prompts from a text file (one prompt a line; blank lines skipped), a dataset saved with ``save_to_disk``, a
-    data file (.json/.jsonl/.csv/.parquet), a Hub dataset id, or a list of strings. Raises ``ValueError`` when no
-    prompt is left or the ``column`` is missing."""
+    data file (.json/.jsonl/.csv/.parquet), a Hub dataset id, a ``datasets.Dataset``, or a list of strings.
+    Raises ``ValueError`` when no prompt is left or the ``column`` is missing."""
     if isinstance(source, (list, tuple)):
-        prompts = [str(prompt) for prompt in source]
+        prompts = [str(prompt) for prompt in source if str(prompt).strip()]
         origin = "the prompt list"
+    elif hasattr(source, "column_names"):  # a datasets.Dataset already loaded
+        if column not in source.column_names:
+            raise ValueError(f"the dataset has no {column!r} column (columns: {source.column_names}).")
+        prompts = [str(prompt).strip() for prompt in source[column] if str(prompt).strip()]
+        origin = "the dataset"
     elif os.path.isfile(source) and source.endswith(".txt"):
         with open(source, encoding="utf-8") as f:
             prompts = [line.strip() for line in f if line.strip()]

@@ -145,13 +145,14 @@ def test_log_mel_embedding_separates_different_clips_and_not_identical_ones():
 
 
 # ------------------------------------------------------------------------------------------------- drift
-def test_kl_per_clip_is_zero_to_itself_and_agrees_with_sampled_log_ratios():
+@pytest.mark.parametrize("guidance_scale", [1.0, 3.0])
+def test_kl_per_clip_is_zero_to_itself_and_agrees_with_sampled_log_ratios(guidance_scale):
     model, processor = tiny_musicgen()
     base, _ = tiny_musicgen()
     with torch.no_grad():  # a nearby base: the policy's lm heads moved a little
         for head in model.decoder.lm_heads:
             head.weight.add_(0.3 * torch.randn(head.weight.shape, generator=torch.Generator().manual_seed(1)))
-    sampling = SamplingConfig(temperature=0.99)
+    sampling = SamplingConfig(guidance_scale=guidance_scale, temperature=0.99)
     torch.manual_seed(0)
     rollout = generate_rollout(model, processor, ["deep dark bass"] * 48, num_steps=10, sampling=sampling)
     assert torch.equal(kl_per_clip(model, model, rollout), torch.zeros(48))
@@ -440,6 +441,15 @@ def test_trainer_eval_strategy_needs_an_eval_dataset(tmp_path):
         MusicPPOTrainer(
             args, processor, model, reward_model=TRAIN_REWARD, train_dataset=Dataset.from_dict({"prompt": PROMPTS})
         )
+    # Without an eval_dataset, evaluate() takes one as an argument, and says so when none is given.
+    args.eval_strategy = "no"
+    trainer = MusicPPOTrainer(
+        args, processor, model, reward_model=TRAIN_REWARD, train_dataset=Dataset.from_dict({"prompt": PROMPTS})
+    )
+    with pytest.raises(ValueError, match="needs prompts"):
+        trainer.evaluate()
+    metrics = trainer.evaluate(eval_dataset=Dataset.from_dict({"prompt": PROMPTS[:1]}), metric_key_prefix="test")
+    assert metrics["test/kl"] == 0.0 and "test/diversity/vendi_score" in metrics
     with pytest.raises(ValueError, match="eval_num_samples_per_prompt"):
         MusicPPOConfig(output_dir=str(tmp_path / "y"), eval_num_samples_per_prompt=0, report_to=[])
 
