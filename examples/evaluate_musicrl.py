@@ -81,7 +81,7 @@ class EvaluationArguments:
         default=3.0, metadata={"help": "log_mel embedding: kernel scale in dB for the Vendi score's similarities."}
     )
     tie_tolerance: float = field(default=0.0, metadata={"help": "Per-prompt differences up to this are ties."})
-    num_resamples: int = field(default=10_000, metadata={"help": "Bootstrap resamples for the 95 % intervals."})
+    num_resamples: int = field(default=10_000, metadata={"help": "Bootstrap resamples for the 95%% intervals."})
     batch_size: int | None = field(
         default=None, metadata={"help": "Clips per generate call (default: all of a prompt)."}
     )

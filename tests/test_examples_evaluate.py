@@ -93,3 +93,23 @@ def test_plot_runs_draws_several_runs_on_one_figure(tmp_path):
     assert output.stat().st_size > 5000
     with pytest.raises(ValueError, match="log_history.json"):
         plot_training_runs([str(tmp_path / "nothing")], str(tmp_path / "other.png"))
+
+
+def test_evaluate_example_has_the_issue_flags_and_a_help():
+    import importlib.util
+
+    from transformers import HfArgumentParser
+
+    spec = importlib.util.spec_from_file_location("evaluate_musicrl", EXAMPLES / "evaluate_musicrl.py")
+    script = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = script  # dataclasses resolve the script's annotations through sys.modules
+    spec.loader.exec_module(script)
+    parser = HfArgumentParser((script.EvaluationArguments,))
+    text = parser.format_help()  # renders every help string
+    for flag in ("--policy_a", "--policy_b", "--base_model", "--prompts", "--reward", "--num_samples_per_prompt",
+                 "--response_length", "--audio_duration_s", "--seed", "--output_dir"):  # fmt: skip
+        assert flag in text
+    (args,) = parser.parse_args_into_dataclasses(
+        ["--policy_a", "a", "--policy_b", "b", "--prompts", "p.txt", "--reward", "loudness", "--reward", "quality=q"]
+    )
+    assert [spec for group in args.reward for spec in group] == ["loudness", "quality=q"]
