@@ -14,7 +14,6 @@ from datasets import Dataset
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import MusicgenForConditionalGeneration, MusicgenProcessor
 
-from musicrl_trl import evaluation
 from musicrl_trl.evaluation import (
     LogMelEmbedding,
     RewardModelEmbedding,
@@ -29,6 +28,7 @@ from musicrl_trl.evaluation import (
     vendi_score,
     wilcoxon_signed_rank,
 )
+from musicrl_trl.evaluation import compare as evaluation_compare
 from musicrl_trl.metrics import CLAP_SCORE, WIN_RATE
 from musicrl_trl.reward_models import LoudnessReward, TextAdherenceReward
 from musicrl_trl.rollout import SamplingConfig, generate_rollout, teacher_forced_logprobs
@@ -302,7 +302,7 @@ def no_sampling(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("sampled before the input was checked")
 
-    monkeypatch.setattr(evaluation, "generate_rollout", refuse)
+    monkeypatch.setattr(evaluation_compare, "generate_rollout", refuse)
 
 
 def _edit_config(path, edit):

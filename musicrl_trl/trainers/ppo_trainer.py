@@ -554,7 +554,7 @@ class MusicPPOTrainer(PPOTrainer):
         - ``eval/diversity/mean_pairwise_distance``: mean distance between the clips of one prompt (log-mel
           statistics, dB); ``eval/diversity/vendi_score``: their effective number (1 to M).
         """
-        from ..evaluation import LogMelEmbedding, diversity
+        from ..evaluation.diversity import LogMelEmbedding, diversity
 
         dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
         if dataset is None or len(dataset) == 0:
