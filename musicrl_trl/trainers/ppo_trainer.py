@@ -564,7 +564,8 @@ class MusicPPOTrainer(PPOTrainer):
         prompts = list(dataset["prompt"])
         policy = accelerator.unwrap_model(self.model).policy
         num_samples, embedding = args.eval_num_samples_per_prompt, LogMelEmbedding()
-        sums = {"prompts": 0.0, "clips": 0.0, "scores": 0.0, "kl": 0.0, "distance": 0.0, "vendi": 0.0}
+        # "scored" counts clips whose rewards are all finite (the others count with drop_nonfinite_rewards only).
+        sums = {"prompts": 0.0, "clips": 0.0, "scored": 0.0, "scores": 0.0, "kl": 0.0, "distance": 0.0, "vendi": 0.0}
         sums.update({f"rewards/{name}/mean": 0.0 for name in self.reward_names})
         num_codebooks = unwrap_musicgen(policy).decoder.num_codebooks
         sums.update({f"entropy_q{k}": 0.0 for k in range(num_codebooks)})
@@ -576,7 +577,7 @@ class MusicPPOTrainer(PPOTrainer):
                     policy, self.processing_class, [prompts[index]] * num_samples, num_steps=args.response_length,
                     sampling=self.sampling, max_prompt_length=args.max_prompt_length,
                 )
-                scores, per_reward, _ = self._score(rollout)
+                scores, per_reward, finite = self._score(rollout)
                 ref_log_dist = self._anchor_log_dist(rollout)
                 output = decoder_logits(
                     policy, rollout.prompt_ids, rollout.prompt_mask, rollout.grid, self.sampling.guided
@@ -588,12 +589,13 @@ class MusicPPOTrainer(PPOTrainer):
                                    embedding.bandwidth)
                 sums["prompts"] += 1
                 sums["clips"] += num_samples
-                sums["scores"] += scores.sum().item()
+                sums["scored"] += finite.sum().item()
+                sums["scores"] += scores[finite].sum().item()
                 sums["kl"] += kl.sum().item()
                 sums["distance"] += spread["mean_pairwise_distance"]
                 sums["vendi"] += spread["vendi_score"]
                 for name, values in per_reward.items():
-                    sums[f"rewards/{name}/mean"] += values.sum().item()
+                    sums[f"rewards/{name}/mean"] += values[finite].sum().item()
                 for k, entropy in enumerate(rollout.entropies.sum(0)):
                     sums[f"entropy_q{k}"] += entropy.item()
         totals = accelerator.reduce(
@@ -602,13 +604,15 @@ class MusicPPOTrainer(PPOTrainer):
         totals = dict(zip(sums, totals.tolist()))
         prefix = metric_key_prefix
         metrics = {
-            f"{prefix}/scores": totals["scores"] / totals["clips"],
+            f"{prefix}/scores": totals["scores"] / max(totals["scored"], 1),
             f"{prefix}/kl": totals["kl"] / totals["clips"],
             f"{prefix}/diversity/mean_pairwise_distance": totals["distance"] / totals["prompts"],
             f"{prefix}/diversity/vendi_score": totals["vendi"] / totals["prompts"],
         }
         for key, total in totals.items():
-            if key.startswith(("rewards/", "entropy_q")):
+            if key.startswith("rewards/"):
+                metrics[f"{prefix}/{key}"] = total / max(totals["scored"], 1)
+            elif key.startswith("entropy_q"):
                 metrics[f"{prefix}/{key}"] = total / totals["clips"]
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(args, self.state, self.control, metrics)
