@@ -23,6 +23,7 @@ from musicrl_trl.evaluation import (
     evaluate_policies,
     kl_per_clip,
     load_policy,
+    load_prompts,
     paired_comparison,
     sample_policy,
     vendi_score,
@@ -480,3 +481,18 @@ def test_evaluate_modules_are_package_data():
         script = os.path.join(os.path.basename(module), os.path.basename(module) + ".py")
         assert os.path.isfile(os.path.join(module, os.path.basename(script)))
         assert any(fnmatch.fnmatch(script, pattern) for pattern in package_data)
+
+
+def test_prompts_from_text_files_and_datasets(tmp_path):
+    text = tmp_path / "prompts.txt"
+    text.write_text("calm piano\n\n  deep bass  \n")
+    assert load_prompts(str(text)) == ["calm piano", "deep bass"]
+    dataset = Dataset.from_dict({"prompt": ["a", "b"], "text": ["x", "y"]})
+    dataset.save_to_disk(str(tmp_path / "saved"))
+    assert load_prompts(str(tmp_path / "saved")) == ["a", "b"]
+    dataset.to_json(str(tmp_path / "prompts.jsonl"))
+    assert load_prompts(str(tmp_path / "prompts.jsonl")) == ["a", "b"]
+    assert load_prompts(str(tmp_path / "prompts.jsonl"), column="text") == ["x", "y"]
+    assert load_prompts(dataset) == ["a", "b"]
+    with pytest.raises(ValueError, match="no 'caption' column"):
+        load_prompts(str(tmp_path / "saved"), column="caption")
