@@ -93,6 +93,14 @@ class ScriptArguments:
     ref_model: str | None = field(
         default=None, metadata={"help": "KL anchor (id or path); default: the recipe's, else the starting policy."}
     )
+    eval_dataset_name: str | None = field(
+        default=None,
+        metadata={
+            "help": "Prompts for trainer.evaluate() every eval_steps (with --eval_strategy steps): a dataset id or "
+            "path with a 'prompt' column; default: --dataset_name's --eval_dataset_split, or the demo prompts."
+        },
+    )
+    eval_dataset_split: str = field(default="test", metadata={"help": "Split of the eval prompts."})
 
 
 # Inherited fields whose TrainingArguments/ModelConfig help does not say what they do in this script.
@@ -202,6 +210,19 @@ def load_prompts(script_args: ScriptArguments) -> Dataset:
     return dataset.select_columns(["prompt"])
 
 
+def load_eval_prompts(script_args: ScriptArguments, training_args: MusicPPOConfig) -> Dataset | None:
+    """Prompts on which the trainer logs rewards, KL to the anchor and diversity (eval/*) every eval_steps."""
+    if training_args.eval_strategy == "no":
+        return None
+    name = script_args.eval_dataset_name or script_args.dataset_name
+    if name is None:
+        return Dataset.from_dict({"prompt": DEMO_PROMPTS})
+    dataset = load_dataset(name, split=script_args.eval_dataset_split)
+    if script_args.prompt_column != "prompt":
+        dataset = dataset.rename_column(script_args.prompt_column, "prompt")
+    return dataset.select_columns(["prompt"])
+
+
 def load_rewards(script_args: ScriptArguments, model_args: ModelConfig):
     """The recipe's rewards as a list (each logged as rewards/<name>/mean) with their weights, or the demo reward."""
     if script_args.recipe is None:
@@ -282,6 +303,7 @@ def main():
         reward_model=rewards,
         train_dataset=train_dataset,
         value_model=value_model,
+        eval_dataset=load_eval_prompts(script_args, training_args),
         peft_config=peft_config,
     )
     trainer.train(resume_from_checkpoint=resume)

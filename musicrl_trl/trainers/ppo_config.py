@@ -105,6 +105,11 @@ class MusicPPOConfig(PPOConfig):
         hub_sample_prompts (`list[str]`, *optional*): prompts of the card's audio samples, sampled with a fixed seed
             at the start of training and at every card; default: three built-in prompts, `[]` for none.
 
+    Parameters that control evaluation (`trainer.evaluate()`, and every `eval_steps` with `eval_strategy="steps"`):
+        eval_num_samples_per_prompt (`int`, defaults to `4`): clips sampled per prompt of `eval_dataset`; logged as
+            `eval/scores`, `eval/rewards/<name>/mean`, `eval/kl` (exact KL to the anchor, nats per clip),
+            `eval/entropy_q{k}` and `eval/diversity/*` (spread of the clips of one prompt).
+
     These parameters have other defaults than in TRL's `PPOConfig`: `temperature` 0.99, `num_ppo_epochs` 1,
     `lam` 1.0, `kl_estimator` "full", `response_length` 253, `learning_rate` 1e-5, `lr_scheduler_type`
     "constant", `bf16` False and `gradient_checkpointing` False (the tiny
@@ -237,6 +242,15 @@ class MusicPPOConfig(PPOConfig):
         },
     )
 
+    # Evaluation
+    eval_num_samples_per_prompt: int = field(
+        default=4,
+        metadata={
+            "help": "Clips per eval prompt in evaluate() (every eval_steps with eval_strategy='steps'): their spread "
+            "gives the diversity metrics."
+        },
+    )
+
     def __post_init__(self):
         super().__post_init__()
         if self.kl_penalty not in ("loss", "reward"):
@@ -266,3 +280,5 @@ class MusicPPOConfig(PPOConfig):
             raise ValueError("reward_weights contains NaN.")
         if self.push_lora not in ("adapter", "merged", "both"):
             raise ValueError(f"push_lora must be 'adapter', 'merged' or 'both', got {self.push_lora!r}.")
+        if self.eval_num_samples_per_prompt < 1:
+            raise ValueError(f"eval_num_samples_per_prompt must be >= 1, got {self.eval_num_samples_per_prompt}.")

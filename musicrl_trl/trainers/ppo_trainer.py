@@ -26,6 +26,7 @@ import contextlib
 import copy
 import dataclasses
 import json
+import math
 import os
 import textwrap
 import time
@@ -297,6 +298,7 @@ class MusicPPOTrainer(CrashSafeCheckpointsMixin, PPOTrainer):
         self.reward_names = [self._reward_name(r) for r in self.reward_funcs]
         self._remove_stale_checkpoint_staging()
         self._init_hub_publishing()
+        self._init_evaluation(args, eval_dataset)
 
     # ------------------------------------------------------------------ checks
     @staticmethod
@@ -604,6 +606,8 @@ class MusicPPOTrainer(CrashSafeCheckpointsMixin, PPOTrainer):
 
             self.lr_scheduler.step()
             self.control = self.callback_handler.on_step_end(args, self.state, self.control)
+            if self.control.should_evaluate:  # every eval_steps with eval_strategy="steps"
+                self.evaluate()
             if self.control.should_save:
                 self._save_checkpoint(model, trial=None)
                 self.control = self.callback_handler.on_save(args, self.state, self.control)
@@ -616,6 +620,97 @@ class MusicPPOTrainer(CrashSafeCheckpointsMixin, PPOTrainer):
             self.control = self.callback_handler.on_save(args, self.state, self.control)
         if args.plot_training_curves and self.accelerator.is_main_process:
             self.write_training_curves(args.output_dir)
+
+    # ------------------------------------------------------------------ evaluation: drift and diversity
+    def _init_evaluation(self, args: MusicPPOConfig, eval_dataset) -> None:
+        if args.eval_strategy != "no" and eval_dataset is None:
+            raise ValueError(
+                f"eval_strategy={args.eval_strategy.value!r} needs an eval_dataset (a datasets.Dataset with a "
+                "'prompt' column); pass one or set eval_strategy='no'."
+            )
+        if args.eval_steps is not None:
+            # DefaultFlowCallback reads eval_steps from the state; TRL's own train() sets it, ours is replaced.
+            steps = args.eval_steps
+            self.state.eval_steps = math.ceil(args.num_total_batches * steps) if steps < 1 else int(steps)
+
+    @torch.no_grad()
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        """Rewards, drift and diversity of the current policy on the eval prompts; logged and returned.
+
+        Every prompt ``i`` gets ``args.eval_num_samples_per_prompt`` clips sampled with the seed ``args.seed + i`` in
+        a forked RNG (the same clips' randomness at every evaluation, and the training RNG stream untouched). Prompts
+        are split across processes and the sums reduced. Metrics (with ``metric_key_prefix``, default ``eval``):
+
+        - ``eval/scores``, ``eval/rewards/<name>/mean``: combined and per-reward scores;
+        - ``eval/kl``: exact KL(policy || anchor) in nats per clip, over the whole codebook under the sampling
+          transform (as ``objective/kl`` with ``kl_estimator="full"``);
+        - ``eval/entropy_q{k}``: mean sampling entropy of codebook k (nats);
+        - ``eval/diversity/mean_pairwise_distance``: mean distance between the clips of one prompt (log-mel
+          statistics, dB); ``eval/diversity/vendi_score``: their effective number (1 to M).
+        """
+        from ..evaluation.diversity import LogMelEmbedding, diversity
+
+        dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
+        if dataset is None or len(dataset) == 0:
+            raise ValueError("evaluate() needs prompts: pass eval_dataset here or to MusicPPOTrainer.")
+        self._check_dataset(dataset, "eval_dataset")
+        args, accelerator = self.args, self.accelerator
+        prompts = list(dataset["prompt"])
+        policy = accelerator.unwrap_model(self.model).policy
+        num_samples, embedding = args.eval_num_samples_per_prompt, LogMelEmbedding()
+        # "scored" counts clips whose rewards are all finite (the others count with drop_nonfinite_rewards only).
+        sums = {"prompts": 0.0, "clips": 0.0, "scored": 0.0, "scores": 0.0, "kl": 0.0, "distance": 0.0, "vendi": 0.0}
+        sums.update({f"rewards/{name}/mean": 0.0 for name in self.reward_names})
+        num_codebooks = unwrap_musicgen(policy).decoder.num_codebooks
+        sums.update({f"entropy_q{k}": 0.0 for k in range(num_codebooks)})
+        cuda = [accelerator.device] if accelerator.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda):
+            for index in range(accelerator.process_index, len(prompts), accelerator.num_processes):
+                torch.manual_seed(args.seed + index)
+                rollout = generate_rollout(
+                    policy, self.processing_class, [prompts[index]] * num_samples, num_steps=args.response_length,
+                    sampling=self.sampling, max_prompt_length=args.max_prompt_length, backend=args.rollout_backend,
+                )
+                scores, per_reward, finite = self._score(rollout)
+                ref_log_dist = self._anchor_log_dist(rollout)
+                output = decoder_logits(
+                    policy, rollout.prompt_ids, rollout.prompt_mask, rollout.grid, self.sampling.guided
+                )
+                log_dist = self._kl_log_dist(output, self._code_logprobs(output, rollout.codes)[0])
+                kl = codebooks.full_kl(log_dist, ref_log_dist).sum(dim=(1, 2))  # [M] nats per clip
+                del output, log_dist, ref_log_dist
+                spread = diversity(embedding(rollout.audio, rollout.sampling_rate).cpu(), embedding.metric,
+                                   embedding.bandwidth)
+                sums["prompts"] += 1
+                sums["clips"] += num_samples
+                sums["scored"] += finite.sum().item()
+                sums["scores"] += scores[finite].sum().item()
+                sums["kl"] += kl.sum().item()
+                sums["distance"] += spread["mean_pairwise_distance"]
+                sums["vendi"] += spread["vendi_score"]
+                for name, values in per_reward.items():
+                    sums[f"rewards/{name}/mean"] += values[finite].sum().item()
+                for k, entropy in enumerate(rollout.entropies.sum(0)):
+                    sums[f"entropy_q{k}"] += entropy.item()
+        totals = accelerator.reduce(
+            torch.tensor(list(sums.values()), dtype=torch.float64, device=accelerator.device), reduction="sum"
+        )
+        totals = dict(zip(sums, totals.tolist()))
+        prefix = metric_key_prefix
+        metrics = {
+            f"{prefix}/scores": totals["scores"] / max(totals["scored"], 1),
+            f"{prefix}/kl": totals["kl"] / totals["clips"],
+            f"{prefix}/diversity/mean_pairwise_distance": totals["distance"] / totals["prompts"],
+            f"{prefix}/diversity/vendi_score": totals["vendi"] / totals["prompts"],
+        }
+        for key, total in totals.items():
+            if key.startswith("rewards/"):
+                metrics[f"{prefix}/{key}"] = total / max(totals["scored"], 1)
+            elif key.startswith("entropy_q"):
+                metrics[f"{prefix}/{key}"] = total / totals["clips"]
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(args, self.state, self.control, metrics)
+        return metrics
 
     # ------------------------------------------------------------------ sample generations
     def generate_completions(self, sampling: bool = False):

@@ -1,0 +1,64 @@
+"""Drift from a base model: the exact KL per clip under the sampling transform, and per-codebook token entropy.
+
+Shape letters as in :mod:`musicrl_trl.rollout`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .. import codebooks
+from ..rollout import (
+    MusicRollout,
+    SamplingConfig,
+    decoder_logits,
+    sampling_log_dist,
+    tokenize_prompts,
+    unwrap_musicgen,
+)
+
+__all__ = ["entropy_per_codebook", "kl_per_clip"]
+
+
+@torch.no_grad()
+def kl_per_clip(
+    policy: torch.nn.Module,
+    base: torch.nn.Module,
+    rollout: MusicRollout,
+    base_processor: Any = None,
+    sampling: SamplingConfig | None = None,
+) -> torch.Tensor:
+    """Exact KL(policy || base) in nats per clip, [B], for clips ``rollout`` sampled from ``policy``.
+
+    At every code of every clip, the KL between the two models' sampling distributions over the whole codebook
+    (:func:`musicrl_trl.codebooks.full_kl`, the quantity MusicRL's KL term penalises), summed over the K x T codes:
+    a one-sample estimate over clips of the sequence-level KL, exact within each clip. Both distributions go through
+    the same sampling transform (``sampling``, default the rollout's). ``base_processor`` re-tokenises the prompts
+    for a base with another text tokenizer (default: the rollout's prompt ids are used as they are).
+
+    With top-k the KL is infinite as soon as the policy can draw a code outside the base's top k (the two supports
+    differ); MusicRL sampled from the whole codebook (``top_k=0``), where it is always finite.
+    """
+    sampling = sampling or rollout.sampling
+    audio_channels = rollout.audio_channels
+    policy_output = decoder_logits(policy, rollout.prompt_ids, rollout.prompt_mask, rollout.grid, sampling.guided)
+    log_dist = sampling_log_dist(policy_output, sampling, audio_channels)
+    del policy_output
+    prompt_ids, prompt_mask = rollout.prompt_ids, rollout.prompt_mask
+    if base_processor is not None:
+        prompt_ids, prompt_mask = tokenize_prompts(base_processor, rollout.prompts, unwrap_musicgen(base).device)
+    base_device = unwrap_musicgen(base).device
+    base_output = decoder_logits(
+        base, prompt_ids.to(base_device), prompt_mask.to(base_device), rollout.grid.to(base_device), sampling.guided
+    )
+    base_log_dist = sampling_log_dist(base_output, sampling, audio_channels).to(log_dist.device)
+    del base_output
+    return codebooks.full_kl(log_dist, base_log_dist).sum(dim=(1, 2))
+
+
+def entropy_per_codebook(rollout: MusicRollout) -> torch.Tensor:
+    """Mean entropy [B, K] (nats) of the sampling distribution of each codebook's codes, per clip. A collapsing
+    policy shows it first in the entropy of the fine codebooks."""
+    return rollout.entropies
