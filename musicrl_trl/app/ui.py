@@ -61,7 +61,7 @@ def render_pair(pair: dict[str, Any], token: str) -> str:
     clips = "".join(
         f'<div class="clip"><h3>{side.upper()}</h3>'
         f'<audio controls preload="auto" src="{html.escape(pair[side]["url"])}" data-side="{side}"></audio>'
-        f'<div class="played" data-played-for="{side}">not played to the end yet</div></div>'
+        f'<div class="played" data-played-for="{side}">to be played to the end</div></div>'
         for side in ("a", "b")
     )
     return (
