@@ -7,8 +7,8 @@ with outcome +1 (X's clip chosen), 0 (tie) or -1 (Y's). The report gives
 - ``win_rate`` = wins / (wins + losses), the share of decisive votes X won, and ``win_rate_ties_half`` =
   (wins + ties / 2) / n;
 - ``wilcoxon_p``: two-sided Wilcoxon signed-rank test of the outcomes against a median of 0 (ties dropped,
-  ``zero_method="wilcox"``; on +-1 outcomes this is the normal-approximation sign test, z = (wins - losses) / sqrt
-  (wins + losses)); ``None`` when no vote was decisive;
+  ``zero_method="wilcox"``, scipy's default method: exact for small samples, else the normal approximation, which on
+  +-1 outcomes is the sign test z = (wins - losses) / sqrt(wins + losses)); ``None`` when no vote was decisive;
 - with ratings (evaluation mode), each system's mean score per criterion and, per criterion, the Wilcoxon p-value of
   the paired differences score(X) - score(Y) over the pairs where both clips were rated.
 
