@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-import re
-import subprocess
-import sys
-import threading
 from pathlib import Path
 
 import numpy as np
 import soundfile as sf
+
+from musicrl_trl.app.client import ServerProcess
 
 ROOT = Path(__file__).resolve().parents[1]
 RATE = 16_000
@@ -49,34 +47,8 @@ def subprocess_env() -> dict[str, str]:
     return env
 
 
-class AppServer:
-    """``musicrl-app serve`` in a subprocess; ``url`` once it printed its ready line."""
+class AppServer(ServerProcess):
+    """The app server as a subprocess importing this checkout."""
 
-    def __init__(self, pool: Path, db: Path, port: int = 0, mode: str = "collect", timeout_s: float = 300.0):
-        command = [sys.executable, "-m", "musicrl_trl.app", "serve", "--pool", str(pool), "--db", str(db)]
-        command += ["--port", str(port), "--mode", mode]
-        self.process = subprocess.Popen(
-            command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=subprocess_env()
-        )
-        self.output: list[str] = []
-        self._ready = threading.Event()
-        self.url: str | None = None
-        threading.Thread(target=self._drain, daemon=True).start()
-        if not self._ready.wait(timeout_s) or self.url is None:
-            self.kill()
-            raise RuntimeError("the server did not print its URL:\n" + "".join(self.output[-40:]))
-        self.port = int(self.url.rsplit(":", 1)[1])
-
-    def _drain(self) -> None:
-        for line in self.process.stdout:
-            self.output.append(line)
-            match = re.search(r"http://127\.0\.0\.1:\d+", line)
-            if match and self.url is None:
-                self.url = match.group(0)
-                self._ready.set()
-        self._ready.set()  # the process ended (without a URL if none was printed)
-
-    def kill(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()  # SIGKILL
-        self.process.wait(timeout=30)
+    def __init__(self, pool: Path, db: Path, port: int = 0, mode: str = "collect"):
+        super().__init__(pool, db, port=port, mode=mode, env=subprocess_env())

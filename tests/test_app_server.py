@@ -17,8 +17,10 @@ import soundfile as sf
 pytest.importorskip("gradio", reason="the app extra is not installed: pip install -e '.[app]'")
 
 from app_helpers import AppServer, tone_pool  # noqa: E402
+from datasets import load_from_disk  # noqa: E402
 
 from musicrl_trl.app.client import RaterClient  # noqa: E402
+from musicrl_trl.app.pool import load_pool  # noqa: E402
 from musicrl_trl.app.store import Store  # noqa: E402
 
 NUM_RATERS, VOTES_PER_RATER = 8, 25
@@ -176,3 +178,32 @@ def test_browser_plays_both_clips_and_votes(tmp_path):
     votes = _stored_votes(db)
     assert len(votes) == 1
     assert votes[0]["pair_id"] == pair_id and votes[0]["choice"] == "b"
+
+
+@pytest.mark.slow
+def test_human_feedback_loop_example_runs_offline(tmp_path):
+    import importlib.util
+    import sys
+
+    from app_helpers import ROOT
+
+    spec = importlib.util.spec_from_file_location("human_feedback_loop", ROOT / "examples" / "human_feedback_loop.py")
+    example = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = example  # dataclasses look their module up while the class is being built
+    spec.loader.exec_module(example)
+    args = example.LoopArguments(
+        output_dir=str(tmp_path / "loop"),
+        clips_per_prompt=2,
+        num_raters=2,
+        votes_per_rater=4,
+        rl_updates=2,
+        eval_clips_per_prompt=1,
+    )
+    summary = example.main(args)
+    out = tmp_path / "loop"
+    assert summary["collection_votes"] == 2 * 4
+    assert summary["evaluation_votes"] == 2 * len(example.PROMPTS)  # every rater rated every cross-system pair
+    assert len(load_from_disk(str(out / "preferences-0"))) == 8
+    for path in ("preference-model-0/model.safetensors", "policy-1/model.safetensors", "report-1/report.md"):
+        assert (out / path).is_file(), path
+    assert len(load_pool(out / "pool-1").systems) == 2

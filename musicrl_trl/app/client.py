@@ -1,4 +1,5 @@
-"""A small client of the app's JSON API that survives server restarts: for scripted raters, tests and the example.
+"""A small client of the app's JSON API that survives server restarts, and the server run as a subprocess: for
+scripted raters, tests and the example.
 
 Every call is retried on connection errors, timeouts and 502/503/504 until ``retry_deadline_s`` has passed, and the
 retries are safe: ``GET /api/pair`` hands back the rater's open pair, ``POST /api/played`` may be repeated, and every
@@ -10,14 +11,19 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
+import re
 import secrets
+import subprocess
+import sys
+import threading
 import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["ApiError", "RaterClient"]
+__all__ = ["ApiError", "RaterClient", "ServerProcess"]
 
 RETRY_STATUSES = (502, 503, 504)
 
@@ -104,3 +110,56 @@ class RaterClient:
         for side in ("a", "b"):
             self.played(pair["pair_id"], side)
         return {**self.vote(pair["pair_id"], choose(pair["prompt"], audio["a"], audio["b"]), reason), **pair}
+
+
+class ServerProcess:
+    """``musicrl-app serve`` in a subprocess (``python -m musicrl_trl.app``); :attr:`url` once it is ready.
+
+    ``port=0`` lets the server pick a free port; restart on the same one with ``ServerProcess(..., port=old.port)``.
+    ``kill()`` sends SIGKILL: no graceful shutdown, as in a crash.
+    """
+
+    def __init__(
+        self,
+        pool: str | os.PathLike,
+        db: str | os.PathLike,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        mode: str = "collect",
+        env: dict[str, str] | None = None,
+        timeout_s: float = 300.0,
+    ):
+        command = [sys.executable, "-m", "musicrl_trl.app", "serve", "--pool", os.fspath(pool), "--db", os.fspath(db)]
+        command += ["--host", host, "--port", str(port), "--mode", mode]
+        self.process = subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, bufsize=1
+        )
+        self.output: list[str] = []
+        self.url: str | None = None
+        self._pattern = re.compile(rf"http://{re.escape(host)}:\d+")
+        self._ready = threading.Event()
+        threading.Thread(target=self._drain, daemon=True).start()
+        if not self._ready.wait(timeout_s) or self.url is None:
+            self.kill()
+            raise RuntimeError("the app server did not start:\n" + "".join(self.output[-40:]))
+        self.port = int(self.url.rsplit(":", 1)[1])
+
+    def _drain(self) -> None:
+        for line in self.process.stdout:  # keep reading, so that the server never blocks on a full pipe
+            self.output.append(line)
+            match = self._pattern.search(line)
+            if match and self.url is None:
+                self.url = match.group(0)
+                self._ready.set()
+        self._ready.set()  # the process ended
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait(timeout=60)
+
+    def __enter__(self) -> ServerProcess:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.kill()
