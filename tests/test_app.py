@@ -206,6 +206,20 @@ def test_a_rater_never_gets_a_pair_twice_and_open_pairs_resume(tmp_path):
     }
 
 
+def test_pools_sharing_a_database_keep_their_open_pairs_apart(tmp_path):
+    app = App(tmp_path, prompts=1, clips_per_prompt=2, seconds=0.01)
+    first = app.pair()  # left open on pool 1
+    other = tone_pool(tmp_path / "pool-2", prompts=1, clips_per_prompt=3, seconds=0.01)
+    for path in (other / "pool.jsonl", *sorted((other / "clips").iterdir())):  # new clip ids: "q0-c0", ...
+        path.rename(path.with_name(path.name.replace("p0-", "q0-")))
+    (other / "pool.jsonl").write_text((other / "pool.jsonl").read_text().replace("p0-", "q0-"))
+    client = TestClient(create_app(other, app.db, ui=False))
+    second = client.get("/api/pair", headers=app.headers()).json()
+    assert second["pair_id"] != first["pair_id"] and second["a"]["clip_id"].startswith("q0-")
+    assert client.get("/api/pair", headers=app.headers()).json()["pair_id"] == second["pair_id"]
+    assert app.pair()["pair_id"] == first["pair_id"]  # still open on the first pool
+
+
 def test_request_paths_never_reach_files_outside_the_pool(tmp_path):
     app = App(tmp_path, prompts=1, clips_per_prompt=2, seconds=0.02)
     secret = tmp_path / "secret.wav"
@@ -246,6 +260,19 @@ def test_request_paths_never_reach_files_outside_the_pool(tmp_path):
     response = app.client.get("/api/clip/p0-c0", headers=app.headers())
     assert response.status_code == 404 and response.content != secret_bytes
     assert app.client.get("/api/clip/p0-c1", headers=app.headers()).status_code == 200
+
+
+def _load_example(name: str):
+    import importlib.util
+    import sys
+
+    from app_helpers import ROOT
+
+    spec = importlib.util.spec_from_file_location(f"{name}_example", ROOT / "examples" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the class is being built
+    spec.loader.exec_module(module)
+    return module
 
 
 def _vote_all(app, choose, name="alice"):
@@ -309,6 +336,11 @@ def test_export_round_trip_into_audio_reward_trainer(tmp_path):
         expected, _ = sf.read(app.pool / "clips" / f"{winner}.wav")
         assert rate == 16_000 and np.allclose(audio, expected)
         assert row["created_at"].endswith("+00:00")
+
+    # examples/train_reward_model.py --dataset_name DIR reads the exported folder as its train split.
+    example = _load_example("train_reward_model")
+    loaded = example.load_any_dataset(example.ScriptArguments(dataset_name=str(out)))
+    assert loaded["train"].num_rows == len(dataset)
 
     torch.manual_seed(0)
     model = MusicRewardModel(MusicRewardConfig(conv_channels=[8, 16], hidden_size=32, sampling_rate=16_000))

@@ -231,13 +231,14 @@ class Store:
         votes so far (even coverage), A/B order at random. Raises 404 ``no_pairs_left`` when the rater has seen all.
         """
         with self.transaction() as connection:
-            row = connection.execute(
+            open_pairs = connection.execute(
                 "SELECT a.* FROM assignments a LEFT JOIN votes v ON v.pair_id = a.pair_id "
-                "WHERE a.rater_id = ? AND a.mode = ? AND v.pair_id IS NULL ORDER BY a.issued_at LIMIT 1",
+                "WHERE a.rater_id = ? AND a.mode = ? AND v.pair_id IS NULL ORDER BY a.issued_at",
                 (rater.id, mode),
-            ).fetchone()
-            if row is not None and row["clip_a"] in pool.clips and row["clip_b"] in pool.clips:
-                return dict(row)
+            ).fetchall()
+            for row in open_pairs:  # pairs left open on other pools sharing this database stay open for those
+                if row["clip_a"] in pool.clips and row["clip_b"] in pool.clips:
+                    return dict(row)
             seen = {
                 (r["clip_lo"], r["clip_hi"])
                 for r in connection.execute(
