@@ -38,13 +38,15 @@ def one_thread():
 class App:
     """A pool, a database with raters alice, bob and an admin, and a TestClient on the API (no Gradio)."""
 
-    def __init__(self, tmp_path, mode="collect", **pool_kwargs):
+    def __init__(self, tmp_path, mode="collect", min_listen_fraction=0.0, **pool_kwargs):
         self.pool = tone_pool(tmp_path / "pool", **pool_kwargs)
         self.db = tmp_path / "votes.sqlite"
         self.store = Store(self.db)
         self.tokens = {name: self.store.add_rater(name) for name in ("alice", "bob")}
         self.tokens["admin"] = self.store.add_rater("admin", admin=True)
-        self.client = TestClient(create_app(self.pool, self.db, mode, ui=False))
+        self.client = TestClient(
+            create_app(self.pool, self.db, mode, ui=False, min_listen_fraction=min_listen_fraction)
+        )
 
     def headers(self, name="alice", **extra):
         return {"Authorization": f"Bearer {self.tokens[name]}", **extra}
@@ -55,7 +57,6 @@ class App:
         return response.json()
 
     def listen(self, pair, name="alice", sides=("a", "b")):
-        time.sleep(max(pair["a"]["duration_s"], pair["b"]["duration_s"]))
         for side in sides:
             response = self.client.post(
                 "/api/played", headers=self.headers(name), json={"pair_id": pair["pair_id"], "side": side}
@@ -162,11 +163,14 @@ def test_conflicts_get_409_and_a_vote_is_stored_once(tmp_path):
     assert app.client.post("/api/played", headers=app.headers("bob"), json=body).status_code == 404
 
 
-def test_played_is_refused_before_the_clip_could_have_ended(tmp_path):
-    app = App(tmp_path, prompts=1, clips_per_prompt=2, seconds=3.0)
+def test_min_listen_fraction_refuses_played_before_the_clip_could_have_ended(tmp_path):
+    app = App(tmp_path, min_listen_fraction=0.9, prompts=1, clips_per_prompt=2, seconds=0.5)
     pair = app.pair()
-    response = app.client.post("/api/played", headers=app.headers(), json={"pair_id": pair["pair_id"], "side": "a"})
+    body = {"pair_id": pair["pair_id"], "side": "a"}
+    response = app.client.post("/api/played", headers=app.headers(), json=body)
     assert response.status_code == 409 and response.json()["error"] == "not_played"
+    time.sleep(0.5)
+    assert app.client.post("/api/played", headers=app.headers(), json=body).status_code == 200
 
 
 def test_retried_vote_with_the_same_idempotency_key_is_not_stored_twice(tmp_path):

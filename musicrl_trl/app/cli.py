@@ -54,6 +54,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to listen on every interface")
     serve.add_argument("--port", type=int, default=7860, help="0 picks a free port")
     serve.add_argument("--mode", choices=("collect", "evaluate"), default="collect")
+    serve.add_argument(
+        "--min_listen_fraction",
+        type=float,
+        default=0.0,
+        help="refuse 'played' reports until this fraction of the clip's length has passed since the pair was given "
+        "out (0 trusts the page; 0.9 makes API shortcuts wait like listeners)",
+    )
 
     export = commands.add_parser("export", help="votes -> datasets folder (save_to_disk)")
     export.add_argument("--db", required=True)
@@ -108,7 +115,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "serve":
             from .server import serve
 
-            serve(args.pool, args.db, host=args.host, port=args.port, mode=args.mode)
+            serve(
+                args.pool,
+                args.db,
+                host=args.host,
+                port=args.port,
+                mode=args.mode,
+                min_listen_fraction=args.min_listen_fraction,
+            )
         elif args.command == "export":
             from .export import export_dataset
             from .pool import load_pool

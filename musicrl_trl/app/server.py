@@ -105,10 +105,22 @@ def current_rater(request: Request, authorization: Annotated[str | None, Header(
 Authenticated = Annotated[Rater, Depends(current_rater)]
 
 
-def create_app(pool_dir: str | os.PathLike, db_path: str | os.PathLike, mode: str = "collect", ui: bool = True):
-    """The FastAPI app serving ``pool_dir`` and storing into ``db_path``; ``ui=False`` leaves Gradio out."""
+def create_app(
+    pool_dir: str | os.PathLike,
+    db_path: str | os.PathLike,
+    mode: str = "collect",
+    ui: bool = True,
+    min_listen_fraction: float = 0.0,
+):
+    """The FastAPI app serving ``pool_dir`` and storing into ``db_path``; ``ui=False`` leaves Gradio out.
+
+    ``min_listen_fraction``: refuse ``POST /api/played`` until the pair was given out at least this fraction of the
+    clip's duration ago (0: trust the page's ``ended`` event; 0.9 makes scripted shortcuts wait like listeners).
+    """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}.")
+    if not 0.0 <= min_listen_fraction <= 1.0:
+        raise ValueError(f"min_listen_fraction must lie in [0, 1], got {min_listen_fraction}.")
     pool = load_pool(pool_dir)
     if not pool.pairs(mode):
         need = (
@@ -176,7 +188,7 @@ def create_app(pool_dir: str | os.PathLike, db_path: str | os.PathLike, mode: st
 
     @app.post("/api/played")
     def played(body: PlayedBody, who: Authenticated):
-        return store.mark_played(who, body.pair_id, body.side, pool)
+        return store.mark_played(who, body.pair_id, body.side, pool, min_listen_fraction)
 
     @app.post("/api/vote")
     def vote(body: VoteBody, who: Authenticated, idempotency_key: Annotated[str | None, Header()] = None):
@@ -227,6 +239,7 @@ def serve(
     host: str = "127.0.0.1",
     port: int = 7860,
     mode: str = "collect",
+    min_listen_fraction: float = 0.0,
 ) -> None:
     """Run the app until interrupted; print ``Serving on http://HOST:PORT`` once it accepts connections.
 
@@ -234,7 +247,7 @@ def serve(
     """
     import uvicorn
 
-    app = create_app(pool_dir, db_path, mode)
+    app = create_app(pool_dir, db_path, mode, min_listen_fraction=min_listen_fraction)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     # A server restarted right after being killed must get its port back while old connections sit in TIME_WAIT.

@@ -43,9 +43,6 @@ CHOICES = ("a", "b", "tie")
 SIDES = ("a", "b")
 MODES = ("collect", "evaluate")
 RATING_CRITERIA = ("text_adherence", "acoustic_quality", "overall_appeal")
-# A clip reported as played to the end must have been on the rater's page for most of its length. The margin absorbs
-# clock granularity and the time between answering /api/pair and the browser starting playback (never negative).
-MIN_LISTEN_FRACTION = 0.9
 RATER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 _.@-]{0,63}$")
 IDEMPOTENCY_KEY = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
 
@@ -283,14 +280,20 @@ class Store:
             raise AppError(404, "unknown_pair", f"pair {pair_id!r} was not given to you: get one from GET /api/pair.")
         return row
 
-    def mark_played(self, rater: Rater, pair_id: str, side: str, pool: Pool) -> dict[str, Any]:
-        """Record that the rater played clip ``side`` of the pair to the end (repeating it is harmless)."""
+    def mark_played(
+        self, rater: Rater, pair_id: str, side: str, pool: Pool, min_listen_fraction: float = 0.0
+    ) -> dict[str, Any]:
+        """Record that the rater played clip ``side`` of the pair to the end (repeating it is harmless).
+
+        With ``min_listen_fraction > 0`` the report is refused (409) unless the pair was given out at least that
+        fraction of the clip's duration ago: a script that skips listening then has to wait as long as a listener.
+        """
         with self.transaction() as connection:
             row = self._assignment(connection, rater, pair_id)
             clip = pool.clips.get(row[f"clip_{side}"])
             duration = clip.duration_s if clip is not None else 0.0
             listened = time.time() - row["issued_at"]
-            if listened < MIN_LISTEN_FRACTION * duration:
+            if listened < min_listen_fraction * duration:
                 raise AppError(
                     409,
                     "not_played",
