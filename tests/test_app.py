@@ -459,3 +459,26 @@ def test_cli_make_pool_add_rater_and_serve_checks(tmp_path, capsys):
     assert cli.main(["serve", "--pool", str(tmp_path), "--db", str(db), "--port", "0"]) == 2  # no pool.jsonl
     assert "make-pool" in capsys.readouterr().err
     assert os.path.exists(db)
+
+
+def test_page_votes_in_evaluate_mode_need_every_score_and_both_plays(tmp_path):
+    pytest.importorskip("gradio", reason="the app extra is not installed: pip install -e '.[app]'")
+    from musicrl_trl.app.ui import render_pair, vote_from_page
+
+    app = App(tmp_path, mode="evaluate", prompts=1, clips_per_prompt=2, seconds=0.01, systems=("base", "tuned"))
+    pair = app.pair()
+    token = app.tokens["alice"]
+    page = render_pair(pair, token)
+    assert f'data-pair="{pair["pair_id"]}"' in page and page.count("<audio") == 2
+    scores = [4, 5, 3, 2, 2, 1]
+    assert "Start" in vote_from_page(app.store, True, "a", "wrong", pair["pair_id"], "", scores)
+    assert "all three scales" in vote_from_page(app.store, True, "a", token, pair["pair_id"], "", scores[:5] + [None])
+    assert "play clips A and B" in vote_from_page(app.store, True, "a", token, pair["pair_id"], "", scores)
+    app.listen(pair)
+    assert vote_from_page(app.store, True, "a", token, pair["pair_id"], " richer ", scores) is None
+    assert "already voted" in vote_from_page(app.store, True, "b", token, pair["pair_id"], "", scores)
+    (vote,) = app.store.votes()
+    assert (vote["choice"], vote["reason"]) == ("a", "richer")
+    ratings = {rating["side"]: rating for rating in app.store.ratings()}
+    assert [ratings["a"][name] for name in ("text_adherence", "acoustic_quality", "overall_appeal")] == [4, 5, 3]
+    assert [ratings["b"][name] for name in ("text_adherence", "acoustic_quality", "overall_appeal")] == [2, 2, 1]

@@ -9,6 +9,7 @@ the refusal. Nothing here decides what counts: the store does, for the UI and th
 from __future__ import annotations
 
 import html
+from collections.abc import Sequence
 from typing import Any
 
 import gradio as gr
@@ -17,7 +18,7 @@ from .pool import Pool
 from .server import pair_json
 from .store import RATING_CRITERIA, AppError, Store
 
-__all__ = ["build_ui", "CSS"]
+__all__ = ["build_ui", "render_pair", "vote_from_page", "CSS"]
 
 INTRO = """## Which clip fits the description better?
 Enter your rater token, press **Start**, play **both** clips to the end, then vote. Votes count once per pair; there
@@ -71,6 +72,44 @@ def render_pair(pair: dict[str, Any], token: str) -> str:
     )
 
 
+def vote_from_page(
+    store: Store,
+    evaluate: bool,
+    choice: str,
+    token: str | None,
+    pair_id: str | None,
+    reason: str | None,
+    scores: Sequence[int | None] = (),
+) -> str | None:
+    """Store a vote sent from the page (in evaluation mode with its six 1-5 scores: A's three criteria, then B's).
+
+    Returns why it was refused, or None once stored. The store enforces what the API enforces (both clips played to
+    the end, one vote per pair); the page only adds that evaluation votes come with every score.
+    """
+    rater = store.authenticate(token)
+    if rater is None or pair_id is None:
+        return "press Start with your token first."
+    ratings = {}
+    if evaluate:
+        if len(scores) != 2 * len(RATING_CRITERIA) or any(score is None for score in scores):
+            return "rate both clips on all three scales first."
+        ratings = {
+            side: dict(zip(RATING_CRITERIA, (int(score) for score in scores[index * 3 : index * 3 + 3])))
+            for index, side in enumerate(("a", "b"))
+        }
+    try:
+        store.vote(rater, pair_id, choice, (reason or "").strip() or None)
+    except AppError as error:
+        return error.detail
+    for side, values in ratings.items():
+        try:
+            store.rate(rater, pair_id, side, values)
+        except AppError as error:
+            if error.code != "already_rated":  # rated through the API before: the vote stands either way
+                raise
+    return None
+
+
 def build_ui(store: Store, pool: Pool, mode: str) -> gr.Blocks:
     evaluate = mode == "evaluate"
 
@@ -91,25 +130,11 @@ def build_ui(store: Store, pool: Pool, mode: str) -> gr.Blocks:
         return page, pair_id, (token or "").strip(), message
 
     def submit(choice: str, token: str, pair_id: str | None, reason: str, *scores):
-        keep = (gr.skip(),) * (4 + len(scores))
-        rater = store.authenticate(token)
-        if rater is None or pair_id is None:
-            return (*keep, "**Refused:** press Start with your token first.")
-        ratings = {}
-        if evaluate:
-            if any(score is None for score in scores):
-                return (*keep, "**Refused:** rate both clips on all three scales first.")
-            ratings = {
-                side: dict(zip(RATING_CRITERIA, (int(s) for s in scores[i * 3 : i * 3 + 3])))
-                for i, side in enumerate(("a", "b"))
-            }
-        try:
-            store.vote(rater, pair_id, choice, (reason or "").strip() or None)
-            for side, values in ratings.items():
-                store.rate(rater, pair_id, side, values)
-        except AppError as error:
-            return (*keep, f"**Refused:** {error.detail}")
+        refusal = vote_from_page(store, evaluate, choice, token, pair_id, reason, scores)
+        if refusal is not None:
+            return (*(gr.skip(),) * (4 + len(scores)), f"**Refused:** {refusal}")
         page, next_id, message = next_pair(token)
+        rater = store.authenticate(token)
         cleared = (None,) * len(scores)
         return page, next_id, token, "", *cleared, f"Vote stored ({store.vote_count(rater)} so far). {message}"
 
