@@ -39,7 +39,6 @@ import math
 import os
 import random
 import shutil
-import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -49,7 +48,8 @@ import numpy as np
 import soundfile as sf
 import torch
 from datasets import Dataset, load_from_disk
-from transformers import HfArgumentParser, MusicgenForConditionalGeneration, MusicgenProcessor
+from transformers import MusicgenForConditionalGeneration, MusicgenProcessor
+from trl import TrlParser
 
 from musicrl_trl import AudioRewardConfig, AudioRewardTrainer, MusicPPOConfig, MusicPPOTrainer
 from musicrl_trl.app.client import ApiError, RaterClient, ServerProcess
@@ -225,9 +225,11 @@ def mean_loudness(pool_dir: Path, system: str | None = None) -> float:
 def main(args: LoopArguments) -> dict:
     torch.set_num_threads(1)  # tiny models: threads only add synchronisation on a busy 2-core machine
     out = Path(args.output_dir)
-    if out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
+    if out.exists() and any(out.iterdir()):
+        if not (out / "summary.json").exists() and not (out / "prompts.txt").exists():
+            raise FileExistsError(f"{out} exists and is not an earlier run of this script: pick another --output_dir.")
+        shutil.rmtree(out)  # an earlier run of this script: start the loop afresh
+    out.mkdir(parents=True, exist_ok=True)
     start = time.time()
     prompts_file = out / "prompts.txt"
     prompts_file.write_text("\n".join(PROMPTS) + "\n")
@@ -294,5 +296,5 @@ def main(args: LoopArguments) -> dict:
 
 
 if __name__ == "__main__":
-    (loop_args,) = HfArgumentParser(LoopArguments).parse_args_into_dataclasses(args=sys.argv[1:])
+    (loop_args,) = TrlParser((LoopArguments,)).parse_args_and_config()
     main(loop_args)

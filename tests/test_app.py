@@ -309,6 +309,22 @@ def test_only_an_admin_exports_over_http(tmp_path):
     assert len(dataset) == 2 and set(dataset["rater"]) == {"alice"}
 
 
+def test_export_pushes_to_the_hub_when_asked(tmp_path, monkeypatch):
+    # No Hub can be reached from here: Dataset.push_to_hub is replaced by a recorder; what is checked is that the
+    # exported dataset, the repo id and privacy reach it.
+    from datasets import Dataset
+
+    app = App(tmp_path, prompts=1, clips_per_prompt=3, seconds=0.01)
+    _vote_all(app, lambda pair: "b")
+    pushed = []
+    monkeypatch.setattr(Dataset, "push_to_hub", lambda self, repo, private: pushed.append((len(self), repo, private)))
+    argv = ["export", "--db", str(app.db), "--pool", str(app.pool), "--push_to_hub", "org/prefs"]
+    assert cli.main([*argv, "--out", str(tmp_path / "private")]) == 0
+    assert cli.main([*argv, "--out", str(tmp_path / "public"), "--public"]) == 0
+    assert pushed == [(3, "org/prefs", True), (3, "org/prefs", False)]
+    assert cli.main([*argv, "--out", str(tmp_path / "public")]) == 2  # never exports over an earlier export
+
+
 def test_export_round_trip_into_audio_reward_trainer(tmp_path):
     from musicrl_trl import AudioRewardConfig, AudioRewardTrainer
     from musicrl_trl.reward_models import MusicRewardConfig, MusicRewardModel
