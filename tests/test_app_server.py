@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import io
 import os
 import shutil
@@ -144,6 +145,25 @@ def test_browser_plays_both_clips_and_votes(tmp_path):
     token = Store(db).add_rater("listener")
     server = AppServer(pool, db)
     try:
+        # The mounted Gradio app's own file routes serve neither the database nor the pool (raw paths, no client
+        # normalisation of "..").
+        clip = pool / "clips" / "p0-c0.wav"
+        for path in (
+            f"/ui/gradio_api/file={db}",
+            f"/ui/gradio_api/file={clip}",
+            f"/ui/gradio_api/file={pool / 'pool.jsonl'}",
+            "/ui/gradio_api/file=/etc/passwd",
+            "/ui/assets/%2e%2e/%2e%2e/etc/passwd",
+            "/api/clip/../../etc/passwd",
+            f"/api/clip/..%2F..%2F{db.name}",
+        ):
+            connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+            connection.request("GET", path, headers={"Authorization": f"Bearer {token}"})
+            response = connection.getresponse()
+            body = response.read()
+            connection.close()
+            assert response.status in (400, 403, 404), (path, response.status)
+            assert b"SQLite" not in body and b"root:" not in body and body != clip.read_bytes()
         with sync_playwright() as playwright:
             browser = playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
             page = browser.new_page()
