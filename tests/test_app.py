@@ -134,6 +134,10 @@ def test_malformed_requests_get_400_and_store_nothing(tmp_path):
         assert response.json()["error"] == "malformed"
     for body in ({"pair_id": pair_id, "side": "c"}, {"pair_id": pair_id}, {"pair_id": pair_id, "side": ["a"]}):
         assert app.client.post("/api/played", headers=app.headers(), json=body).status_code == 400
+    # A JSON body sent without a JSON content type (curl -d) is read as JSON, not refused.
+    for kind in ({}, {"Content-Type": "text/plain"}):
+        body = json.dumps({"pair_id": pair_id, "side": "a"})
+        assert app.client.post("/api/played", headers=app.headers(**kind), content=body).status_code == 200
     response = app.vote(pair, "a", **{"Idempotency-Key": "spaces are not allowed"})
     assert response.status_code == 400 and response.json()["error"] == "bad_idempotency_key"
     assert app.client.get("/api/clip/a%20b", headers=app.headers()).status_code == 400

@@ -67,6 +67,22 @@ class RateBody(_Body):
     overall_appeal: int = Field(ge=1, le=5)
 
 
+class JsonBodies:
+    """Reads API request bodies sent without a JSON content type (``curl -d``, ``requests.post(data=...)``) as JSON;
+    FastAPI would otherwise not parse them and answer 400 to a well-formed request."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"].startswith("/api/"):
+            kind = next((value for name, value in scope["headers"] if name == b"content-type"), b"")
+            if kind.split(b";")[0].strip().lower() in (b"", b"text/plain", b"application/x-www-form-urlencoded"):
+                headers = [(name, value) for name, value in scope["headers"] if name != b"content-type"]
+                scope = {**scope, "headers": [*headers, (b"content-type", b"application/json")]}
+        await self.app(scope, receive, send)
+
+
 def pair_json(store: Store, rater: Rater, pool: Pool, assignment: dict[str, Any]) -> dict[str, Any]:
     """What ``GET /api/pair`` answers (and what the UI renders)."""
 
@@ -133,6 +149,7 @@ def create_app(
 
     app = FastAPI(title="musicrl-app", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.store, app.state.pool, app.state.mode = store, pool, mode
+    app.add_middleware(JsonBodies)
 
     @app.exception_handler(AppError)
     async def app_error(request: Request, error: AppError):
