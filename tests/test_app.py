@@ -478,6 +478,14 @@ def test_cli_make_pool_add_rater_and_serve_checks(tmp_path, capsys):
     assert cli.main(["add-rater", "--db", str(db), "../evil"]) == 2
     assert cli.main(["serve", "--pool", str(tmp_path), "--db", str(db), "--port", "0"]) == 2  # no pool.jsonl
     assert "make-pool" in capsys.readouterr().err
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = str(taken.getsockname()[1])
+        assert cli.main(["serve", "--pool", str(out), "--db", str(db), "--port", port, "--mode", "evaluate"]) == 2
+    assert "pick another --port" in capsys.readouterr().err
     assert os.path.exists(db)
 
 

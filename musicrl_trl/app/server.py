@@ -269,7 +269,13 @@ def serve(
     sock = socket.socket(family, socket.SOCK_STREAM)
     # A server restarted right after being killed must get its port back while old connections sit in TIME_WAIT.
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
+    try:
+        sock.bind((host, port))
+    except OSError as error:
+        sock.close()
+        raise ValueError(
+            f"cannot listen on {host}:{port} ({error.strerror}): pick another --port, or 0 for any."
+        ) from None
     sock.listen(2048)
     bound_port = sock.getsockname()[1]
     shown_host = f"[{host}]" if family == socket.AF_INET6 else host
