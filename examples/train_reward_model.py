@@ -210,6 +210,8 @@ def load_any_dataset(script_args: ScriptArguments) -> DatasetDict:
         return load_dataset("json" if extension == "jsonl" else extension, data_files={"train": name})
     if os.path.isdir(name) and os.path.exists(os.path.join(name, "dataset_dict.json")):
         return load_from_disk(name)
+    if os.path.isdir(name) and os.path.exists(os.path.join(name, "state.json")):  # one Dataset (musicrl-app export)
+        return DatasetDict({"train": load_from_disk(name)})
     return load_dataset(name, script_args.dataset_config)
 
 

@@ -1,0 +1,243 @@
+"""A pool of clips to compare: audio files in a folder, described by ``pool.jsonl``.
+
+Each line of ``pool.jsonl`` is one clip::
+
+    {"clip_id": "policy-3f9a1c2e-00000", "prompt": "calm solo piano", "file": "clips/policy-3f9a1c2e-00000.wav",
+     "system": "policy", "duration_s": 10.0, "sampling_rate": 32000}
+
+``file`` is relative to the pool folder. Loading checks every line once: the app serves clips by id, looked up in
+this table, and never joins a request's text into a path; a line whose file would resolve outside the folder (``..``,
+an absolute path, a symlink leading out) is rejected when the pool is loaded.
+
+:func:`make_pool` samples a pool from one or two policies with :func:`musicrl_trl.rollout.generate_rollout`, the
+sampler the RL trainer uses, so a pool made from the policy being trained is on-policy data.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import re
+import secrets
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from functools import cached_property
+from pathlib import Path
+
+import soundfile as sf
+
+__all__ = ["PoolClip", "Pool", "load_pool", "read_prompts", "make_pool", "POOL_FILE"]
+
+POOL_FILE = "pool.jsonl"
+CLIP_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3")
+
+
+@dataclass(frozen=True)
+class PoolClip:
+    clip_id: str
+    prompt: str
+    file: str  # relative to the pool folder
+    system: str  # which policy made it
+    duration_s: float
+    sampling_rate: int
+
+
+@dataclass
+class Pool:
+    """The clips of a pool folder, by id. ``path_of`` is the only way from a clip to a file."""
+
+    root: Path
+    clips: dict[str, PoolClip]
+
+    def path_of(self, clip_id: str) -> Path:
+        return self.root / self.clips[clip_id].file
+
+    @property
+    def systems(self) -> list[str]:
+        return sorted({clip.system for clip in self.clips.values()})
+
+    @cached_property
+    def _pairs(self) -> dict[str, list[tuple[str, str]]]:
+        by_prompt: dict[str, list[PoolClip]] = {}
+        for clip in self.clips.values():
+            by_prompt.setdefault(clip.prompt, []).append(clip)
+        collect, evaluate = [], []
+        for clips in by_prompt.values():
+            for first, second in itertools.combinations(sorted(clips, key=lambda clip: clip.clip_id), 2):
+                pair = (first.clip_id, second.clip_id)
+                collect.append(pair)
+                if first.system != second.system:
+                    evaluate.append(pair)
+        return {"collect": collect, "evaluate": evaluate}
+
+    def pairs(self, mode: str) -> list[tuple[str, str]]:
+        """Unordered clip pairs (sorted ids) that can be compared: two clips of the same prompt; in ``evaluate`` mode
+        from two different systems."""
+        return self._pairs[mode]
+
+
+def load_pool(directory: str | os.PathLike) -> Pool:
+    """Read and check ``DIR/pool.jsonl``. Raises ``ValueError`` naming the line and what to fix."""
+    root = Path(directory).resolve()
+    index = root / POOL_FILE
+    if not index.is_file():
+        raise FileNotFoundError(
+            f"{index} does not exist: make a pool with `musicrl-app make-pool --out {directory}` or point --pool at "
+            "a folder holding pool.jsonl."
+        )
+    clips: dict[str, PoolClip] = {}
+    with open(index, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            where = f"{index}, line {number}"
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{where} is not JSON ({error}).") from None
+            missing = [key for key in ("clip_id", "prompt", "file", "system") if not isinstance(entry.get(key), str)]
+            if missing:
+                raise ValueError(f"{where} lacks the string field(s) {missing}.")
+            clip_id = entry["clip_id"]
+            if not CLIP_ID.match(clip_id):
+                raise ValueError(f"{where}: clip_id {clip_id!r} may hold only letters, digits and '_.-' (max 128).")
+            if clip_id in clips:
+                raise ValueError(f"{where}: clip_id {clip_id!r} appears twice.")
+            relative = Path(entry["file"])
+            path = (root / relative).resolve()
+            if relative.is_absolute() or ".." in relative.parts or not path.is_relative_to(root):
+                raise ValueError(
+                    f"{where}: file {entry['file']!r} is outside the pool folder {root}: store clips inside it and "
+                    "give their paths relative to it."
+                )
+            if not path.is_file():
+                raise ValueError(f"{where}: file {entry['file']!r} does not exist in {root}.")
+            if path.suffix.lower() not in AUDIO_SUFFIXES:
+                raise ValueError(f"{where}: file {entry['file']!r} is not audio ({', '.join(AUDIO_SUFFIXES)}).")
+            info = sf.info(str(path))
+            clips[clip_id] = PoolClip(
+                clip_id=clip_id,
+                prompt=entry["prompt"],
+                file=relative.as_posix(),
+                system=entry["system"],
+                duration_s=float(info.duration),
+                sampling_rate=int(info.samplerate),
+            )
+    if not clips:
+        raise ValueError(f"{index} lists no clips.")
+    return Pool(root=root, clips=clips)
+
+
+def read_prompts(path: str | os.PathLike) -> list[str]:
+    """Prompts from a text file (one per line; blank lines and lines starting with '#' are skipped) or from a
+    ``.jsonl`` file with a ``prompt`` field per line."""
+    prompts = []
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            text = line.strip()
+            if not text or (text.startswith("#") and not str(path).endswith(".jsonl")):
+                continue
+            if str(path).endswith(".jsonl"):
+                value = json.loads(text).get("prompt")
+                if not isinstance(value, str) or not value.strip():
+                    raise ValueError(f"{path}, line {number}: no non-empty 'prompt' field.")
+                text = value.strip()
+            prompts.append(text)
+    if not prompts:
+        raise ValueError(f"{path} holds no prompts: write one prompt per line.")
+    return prompts
+
+
+def _system_name(policy: str) -> str:
+    name = os.path.basename(os.path.normpath(policy)) or "policy"
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-.") or "policy"
+
+
+def make_pool(
+    policies: Sequence[str],
+    prompts: Sequence[str],
+    clips_per_prompt: int,
+    out: str | os.PathLike,
+    response_length: int | None = None,
+    audio_duration_s: float | None = None,
+    systems: Sequence[str] | None = None,
+    guidance_scale: float | None = None,
+    temperature: float | None = None,
+    top_k: int | None = None,
+    batch_size: int = 8,
+    seed: int = 0,
+    device: str | None = None,
+) -> Pool:
+    """Sample ``clips_per_prompt`` clips per prompt from each policy into ``out`` and write ``out/pool.jsonl``.
+
+    Args:
+        policies: one or two MusicGen checkpoints (folders or Hub ids), e.g. the policy being trained (collection)
+            or a baseline and a fine-tuned policy (evaluation).
+        response_length / audio_duration_s: clip length in decoder steps or in seconds (exactly one; default 10 s).
+        systems: names recorded per policy (default: the folder or repository name).
+        guidance_scale, temperature, top_k: sampling; default: each policy's own ``generation_config`` (what
+            ``model.generate`` does with it; a policy saved by ``MusicPPOTrainer`` carries its training sampling).
+    """
+    import torch
+    from transformers import MusicgenForConditionalGeneration, MusicgenProcessor
+
+    from ..audio import save_audio
+    from ..rollout import SamplingConfig, generate_rollout
+
+    if not 1 <= len(policies) <= 2:
+        raise ValueError(f"give one or two policies, got {len(policies)}.")
+    if clips_per_prompt < 1:
+        raise ValueError(f"clips_per_prompt must be >= 1, got {clips_per_prompt}.")
+    if response_length is not None and audio_duration_s is not None:
+        raise ValueError("give the clip length as --response_length or as --audio_duration_s, not both.")
+    if response_length is None and audio_duration_s is None:
+        audio_duration_s = 10.0
+    systems = list(systems) if systems else [_system_name(policy) for policy in policies]
+    if len(systems) != len(policies):
+        raise ValueError(f"{len(policies)} policies but {len(systems)} system names.")
+    if len(set(systems)) != len(systems):
+        raise ValueError(f"the two policies need different system names, got {systems}: pass --system/--system_b.")
+    root = Path(out)
+    if (root / POOL_FILE).exists():
+        raise FileExistsError(f"{root / POOL_FILE} exists: make each pool in a new folder.")
+    (root / "clips").mkdir(parents=True, exist_ok=True)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+    lines = []
+    for policy, system in zip(policies, systems):
+        model = MusicgenForConditionalGeneration.from_pretrained(policy).to(device).eval()
+        processor = MusicgenProcessor.from_pretrained(policy)
+        config = model.generation_config
+        sampling = SamplingConfig(
+            guidance_scale=guidance_scale if guidance_scale is not None else (config.guidance_scale or 1.0),
+            temperature=temperature if temperature is not None else (config.temperature or 1.0),
+            top_k=top_k if top_k is not None else (config.top_k or 0),
+        )
+        torch.manual_seed(seed)
+        tag = secrets.token_hex(4)  # clip ids stay unique across pools that share one database
+        requests = [prompt for prompt in prompts for _ in range(clips_per_prompt)]
+        for start in range(0, len(requests), batch_size):
+            batch = requests[start : start + batch_size]
+            rollout = generate_rollout(
+                model, processor, batch, num_steps=response_length, duration_s=audio_duration_s, sampling=sampling
+            )
+            for offset, prompt in enumerate(batch):
+                clip_id = f"{_system_name(system)[:64]}-{tag}-{start + offset:05d}"
+                file = f"clips/{clip_id}.wav"
+                save_audio(root / file, rollout.audio[offset].clamp(-1, 1), rollout.sampling_rate, subtype="PCM_16")
+                clip = PoolClip(
+                    clip_id=clip_id,
+                    prompt=prompt,
+                    file=file,
+                    system=system,
+                    duration_s=rollout.audio.shape[-1] / rollout.sampling_rate,
+                    sampling_rate=rollout.sampling_rate,
+                )
+                lines.append({**asdict(clip), "policy": policy})
+        del model
+    with open(root / POOL_FILE, "w", encoding="utf-8") as handle:
+        for line in lines:
+            handle.write(json.dumps(line, ensure_ascii=False) + "\n")
+    return load_pool(root)
