@@ -166,7 +166,7 @@ def sampling_logits(
 
     Applies, in ``generate``'s order: classifier-free guidance ``uncond + s * (cond - uncond)`` (only when
     ``guidance_scale > 1``, which is when ``generate`` runs the unconditional half), temperature, top-k (``0``
-    keeps the whole codebook). Tokens removed by top-k get ``-inf``. Float32 whatever the logits' dtype.
+    keeps the whole codebook). Tokens removed by top-k get ``-inf``. At least float32, whatever the logits' dtype.
     """
     # At least float32 (half-precision logits are upcast as generate's processors see them); float64 stays float64.
     dtype = torch.promote_types(cond_logits.dtype, torch.float32)

@@ -28,7 +28,6 @@ import dataclasses
 import json
 import math
 import os
-import textwrap
 import time
 from collections.abc import Callable, Sequence
 
@@ -211,16 +210,7 @@ class MusicPPOTrainer(CrashSafeCheckpointsMixin, PPOTrainer):
     _paper = {
         "title": "MusicRL: Aligning Music Generation to Human Preferences",
         "id": "2402.04229",
-        "citation": textwrap.dedent("""\
-            @article{cideron2024musicrl,
-                title        = {{MusicRL: Aligning Music Generation to Human Preferences}},
-                author       = {Geoffrey Cideron and Sertan Girgin and Mauro Verzetti and Damien Vincent and
-                                Matej Kastelic and Zal{\\'a}n Borsos and Brian McWilliams and Victor Ungureanu and
-                                Olivier Bachem and Olivier Pietquin and Matthieu Geist and L{\\'e}onard Hussenot and
-                                Neil Zeghidour and Andrea Agostinelli},
-                year         = 2024,
-                eprint       = {arXiv:2402.04229}
-            }"""),
+        "citation": hub.MUSICRL_CITATION,
     }
 
     def __init__(

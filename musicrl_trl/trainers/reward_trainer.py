@@ -478,15 +478,7 @@ class AudioRewardTrainer(CrashSafeCheckpointsMixin, Trainer):
     _paper = {
         "title": "MusicRL: Aligning Music Generation to Human Preferences",
         "id": "2402.04229",
-        "citation": """\
-@article{cideron2024musicrl,
-    title   = {{MusicRL: Aligning Music Generation to Human Preferences}},
-    author  = {Geoffrey Cideron and Sertan Girgin and Mauro Verzetti and Damien Vincent and Matej Kastelic and
-               Zal{\\'{a}}n Borsos and Brian McWilliams and Victor Ungureanu and Olivier Bachem and Olivier Pietquin
-               and Matthieu Geist and L{\\'{e}}onard Hussenot and Neil Zeghidour and Andrea Agostinelli},
-    year    = 2024,
-    journal = {arXiv preprint arXiv:2402.04229}
-}""",
+        "citation": hub.MUSICRL_CITATION,
     }
 
     def __init__(
