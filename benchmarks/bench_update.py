@@ -65,6 +65,11 @@ def main():
     parser.add_argument("--steps", type=int, default=100, help="decoder steps per rollout")
     parser.add_argument("--guidance_scale", type=float, default=3.0)
     parser.add_argument("--updates", type=int, default=3, help="timed updates (after one warm-up update)")
+    parser.add_argument(
+        "--rollout_backend", default=None,
+        help="MusicPPOConfig.rollout_backend (generate, static, compiled); default: the config's. Versions without "
+        "the field always use generate.",
+    )
     args = parser.parse_args()
 
     model, processor = mid_size_musicgen() if args.architecture == "mid" else tiny_musicgen()
@@ -86,6 +91,8 @@ def main():
             guidance_scale=args.guidance_scale, learning_rate=1e-5, report_to=[], disable_tqdm=True,
             plot_training_curves=False,
         )
+        if args.rollout_backend is not None:
+            config.rollout_backend = args.rollout_backend
         trainer = MusicPPOTrainer(
             config, processor, model, reward_model=loudness, train_dataset=Dataset.from_dict(
                 {"prompt": [f"prompt {i}: an upbeat electronic track" for i in range(args.batch_size)]}
@@ -96,7 +103,8 @@ def main():
     updates, rollouts = timer.durations[1:], rollout_durations[1:]
     update_s, rollout_s = statistics.median(updates), statistics.median(rollouts)
     print(f"architecture={args.architecture} batch={args.batch_size} steps={args.steps} "
-          f"guidance={args.guidance_scale} threads={torch.get_num_threads()} module={ppo_trainer.__file__}")
+          f"guidance={args.guidance_scale} threads={torch.get_num_threads()} module={ppo_trainer.__file__} "
+          f"rollout_backend={getattr(config, 'rollout_backend', 'generate')}")
     print(f"update  median {update_s:.2f} s (runs: {', '.join(f'{t:.2f}' for t in updates)})")
     print(f"rollout median {rollout_s:.2f} s (runs: {', '.join(f'{t:.2f}' for t in rollouts)})")
     print(f"update / rollout = {update_s / rollout_s:.2f}")
