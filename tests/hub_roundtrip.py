@@ -192,6 +192,7 @@ def load(out: str) -> None:
     from safetensors.torch import load_file
     from transformers import (
         AutoModelForAudioClassification,
+        GenerationConfig,
         MusicgenForConditionalGeneration,
         MusicgenProcessor,
         pipeline,
@@ -222,6 +223,8 @@ def load(out: str) -> None:
     )
 
     base = MusicgenForConditionalGeneration.from_pretrained(BASE_REPO)
+    # As the card says: the adapter repo's generation_config.json samples as training did (the base's differs).
+    base.generation_config = GenerationConfig.from_pretrained(ADAPTER_REPO)
     adapter_policy = PeftModel.from_pretrained(base, ADAPTER_REPO)
     check_policy("adapter", adapter_policy, MusicgenProcessor.from_pretrained(ADAPTER_REPO))
 

@@ -11,7 +11,7 @@ from transformers import GenerationConfig, MusicgenForConditionalGeneration
 from trl.experimental.ppo.ppo_trainer import masked_mean
 
 from musicrl_trl import codebooks
-from musicrl_trl.rollout import SamplingConfig, decoder_logits, generate_rollout
+from musicrl_trl.rollout import SamplingConfig, decoder_logits, generate_rollout, unwrap_musicgen
 from musicrl_trl.testing import tiny_musicgen
 from musicrl_trl.trainers import MusicPPOConfig, MusicPPOTrainer
 from musicrl_trl.trainers.ppo_trainer import MusicPolicyAndValue
@@ -283,6 +283,8 @@ def test_saved_generation_config_matches_training_sampling(tmp_path, use_lora):
     lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]) if use_lora else None
     trainer = MusicPPOTrainer(args, processor, model, reward_model=loudness, train_dataset=dataset(),
                               peft_config=lora)
+    policy = unwrap_musicgen(trainer.accelerator.unwrap_model(trainer.model).policy)
+    assert policy.generation_config.guidance_scale == 1.5  # the in-memory policy samples as it is trained too
     trainer.train()
     trainer.save_model()
     folders = [args.output_dir] + ([f"{args.output_dir}/merged"] if use_lora else [])

@@ -286,6 +286,11 @@ class MusicPPOTrainer(CrashSafeCheckpointsMixin, PPOTrainer):
             self.ref_model.eval().requires_grad_(False)
         self.audio_channels = unwrap_musicgen(self.policy_model).decoder.config.audio_channels
         self.reward_names = [self._reward_name(r) for r in self.reward_funcs]
+        # The policy samples as it is trained from here on: its own generate(), the saved generation_config.json
+        # and pipeline("text-to-audio") on the result (MusicGen ships guidance 3 and top-k 250).
+        unwrap_musicgen(self.accelerator.unwrap_model(self.model).policy).generation_config = (
+            self.trained_generation_config()
+        )
         self._remove_stale_checkpoint_staging()
         self._init_hub_publishing()
         self._init_evaluation(args, eval_dataset)
