@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import json
 import math
 import os
@@ -36,6 +37,7 @@ from trl.experimental.ppo import PPOTrainer
 from trl.experimental.ppo.ppo_trainer import masked_mean, masked_whiten
 
 from .. import codebooks
+from ..quantization import check_quantization_supported, is_quantized, prepare_quantized_model
 from ..rollout import (
     MusicRollout,
     SamplingConfig,
@@ -75,6 +77,12 @@ class MusicValueModel(nn.Module):
     With ``backbone=None`` the head reads the policy's own last hidden states (``share_value_backbone``); otherwise
     ``backbone`` is a separate copy of the starting MusicGen (MusicRL's choice: policy and value both start from the
     pretrained checkpoint). ``base_model_prefix`` and ``score`` follow TRL's value-model convention.
+
+    With a quantized (4/8-bit) policy the separate trunk is a LoRA'd copy of the quantized model: its frozen weights
+    stay quantized and only LoRA adapters (the policy's ``peft_config``) and the head learn. Its memory is one more
+    quantized decoder (about 0.53 bytes per decoder parameter in NF4: ~225 MB for musicgen-small's ~420M) plus the
+    full-precision text encoder, codec and LM heads it copies, plus adapters; a full-precision trunk would cost 4 bytes
+    per decoder parameter and its Adam state 8 more.
     """
 
     base_model_prefix = "backbone"
@@ -87,10 +95,24 @@ class MusicValueModel(nn.Module):
         nn.init.zeros_(self.score.bias)
 
     @classmethod
-    def from_policy(cls, policy: nn.Module, share_backbone: bool) -> MusicValueModel:
+    def from_policy(cls, policy: nn.Module, share_backbone: bool, peft_config=None) -> MusicValueModel:
+        """The value network for ``policy``: a head on the policy's trunk, or on a copy of it (``peft_config``:
+        the LoRA config that trains a quantized copy; required for quantized policies)."""
         musicgen = unwrap_musicgen(policy)
         backbone = None
-        if not share_backbone:
+        if not share_backbone and is_quantized(musicgen):
+            if peft_config is None:
+                raise ValueError(
+                    "a quantized (4/8-bit) policy trains through LoRA: pass peft_config (e.g. --use_peft), so that "
+                    "the separate value trunk gets LoRA adapters too, or set share_value_backbone=True."
+                )
+            from peft import get_peft_model
+
+            # Quantized weights cannot require gradients (and deepcopy keeps them quantized): the copy is frozen and
+            # learns through adapters of its own. Only the decoder is LoRA'd (the policy's target modules).
+            backbone = copy.deepcopy(musicgen).requires_grad_(False)
+            backbone = prepare_quantized_model(get_peft_model(backbone, copy.deepcopy(peft_config)))
+        elif not share_backbone:
             backbone = copy.deepcopy(musicgen)
             # Only the decoder trunk learns values; the text encoder and the codec stay as they are.
             for param in backbone.parameters():
@@ -138,7 +160,12 @@ class MusicPolicyAndValue(nn.Module):
         shared = self.value_model.shares_policy_backbone
         output = decoder_logits(self.policy, prompt_ids, prompt_mask, grid, guided=guided, output_hidden_states=shared)
         values = self.value_model(prompt_ids, prompt_mask, grid, policy_hidden_states=output.hidden_states)
-        return output, values
+        # Under bf16/fp16 autocast the logits and values come out in half precision; log-softmax, the KL and the
+        # losses are computed from them in float32 (accelerate's convert_outputs_to_fp32 skips this dataclass).
+        output.logits = output.logits.float()
+        if output.uncond_logits is not None:
+            output.uncond_logits = output.uncond_logits.float()
+        return output, values.float()
 
 
 @contextlib.contextmanager
@@ -149,13 +176,17 @@ def _reuse_trl_ppo_init(args: MusicPPOConfig):
     expects a causal LM with ``input_ids``."""
     kl_estimator = args.kl_estimator
     text_wrapper = trl_ppo.PolicyAndValueWrapper
+    accelerator_class = trl_ppo.Accelerator
     args.kl_estimator = "k1"
     trl_ppo.PolicyAndValueWrapper = MusicPolicyAndValue
+    # TRL builds Accelerator() without the config's precision, so bf16=True/fp16=True were silently ignored.
+    trl_ppo.Accelerator = functools.partial(accelerator_class, mixed_precision=args.mixed_precision)
     try:
         yield
     finally:
         args.kl_estimator = kl_estimator
         trl_ppo.PolicyAndValueWrapper = text_wrapper
+        trl_ppo.Accelerator = accelerator_class
 
 
 def _collate_prompts(rows: list[dict]) -> dict[str, list[str]]:
@@ -228,6 +259,7 @@ class MusicPPOTrainer(PPOTrainer):
         resolve_num_steps(model, num_steps=args.response_length)  # fail now, not after loading everything
 
         self.sampling = SamplingConfig(args.guidance_scale, args.temperature, args.top_k)
+        self._check_precision_and_quantization(args, model, ref_model, peft_config)
         for module in (model, ref_model):
             if module is not None:
                 zero_dropout(module)
@@ -238,7 +270,9 @@ class MusicPPOTrainer(PPOTrainer):
             # Seeded, so that a run (and its resumption) does not depend on what consumed the global RNG before.
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(args.seed)
-                value_model = MusicValueModel.from_policy(model, share_backbone=args.share_value_backbone)
+                value_model = MusicValueModel.from_policy(
+                    model, share_backbone=args.share_value_backbone, peft_config=peft_config
+                )
 
         # TRL moves the reward model to the device and disables its dropout: give it the rewards that are modules.
         reward_modules = nn.ModuleList([r for r in self.reward_funcs if isinstance(r, nn.Module)])
@@ -262,8 +296,51 @@ class MusicPPOTrainer(PPOTrainer):
             self.ref_model.eval().requires_grad_(False)
         self.audio_channels = unwrap_musicgen(self.policy_model).decoder.config.audio_channels
         self.reward_names = [self._reward_name(r) for r in self.reward_funcs]
+        if args.gradient_checkpointing:
+            self._enable_gradient_checkpointing()
 
     # ------------------------------------------------------------------ checks
+    @staticmethod
+    def _check_precision_and_quantization(args: MusicPPOConfig, model, ref_model, peft_config) -> None:
+        """Clear errors for precision and quantization settings this device cannot run (never a silently ignored
+        flag), and the CPU fixes bitsandbytes' 4-bit layers need (``musicrl_trl.quantization``)."""
+        from accelerate.state import AcceleratorState, PartialState
+
+        device = args.device
+        if args.mixed_precision == "fp16" and device.type == "cpu":
+            raise ValueError(
+                "fp16 mixed precision needs a GPU (PyTorch has no fp16 autocast with loss scaling on CPU, and "
+                "accelerate would silently run in float32): use bf16=True on CPU, or run on a GPU."
+            )
+        state = AcceleratorState._shared_state
+        if state.get("_mixed_precision") not in (None, args.mixed_precision) and PartialState().num_processes == 1:
+            # accelerate's precision is process-wide and fixed by the first Accelerator; a second trainer in the same
+            # process (a notebook, a test, a benchmark) that asks for another precision gets a fresh state.
+            AcceleratorState._reset_state()
+        for name, module in (("model", model), ("ref_model", ref_model)):
+            if module is None or not is_quantized(module):
+                continue
+            check_quantization_supported(device)
+            prepare_quantized_model(module)
+            if name == "model" and peft_config is None and not hasattr(module, "peft_config"):
+                raise ValueError(
+                    "the policy is quantized (4/8-bit): its quantized weights cannot be trained directly. Pass a "
+                    "peft_config (LoRA, e.g. --use_peft) to train adapters on top (QLoRA), or load it in full "
+                    "precision."
+                )
+
+    def _enable_gradient_checkpointing(self) -> None:
+        """Recompute decoder (and text-encoder) activations in the backward pass, on the policy and on a separate
+        value trunk. Rollouts run in eval mode, where checkpointing (which drops the KV cache) is off."""
+        kwargs = self.args.gradient_checkpointing_kwargs or {"use_reentrant": False}
+        wrapper = self.accelerator.unwrap_model(self.model)
+        unwrap_musicgen(wrapper.policy).gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        wrapper.is_gradient_checkpointing = True
+        if wrapper.value_model.backbone is not None:
+            unwrap_musicgen(wrapper.value_model.backbone).gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs=kwargs
+            )
+
     @staticmethod
     def _check_dataset(dataset, name: str) -> None:
         if dataset is None:
