@@ -162,11 +162,14 @@ def test_quantized_policy_without_lora_is_a_clear_error(tmp_path):
         )
 
 
-def test_lm_heads_quantized_by_a_default_config_are_a_clear_error():
+def test_quantized_lm_heads_are_a_clear_error():
     from transformers import BitsAndBytesConfig
 
-    with pytest.raises(ValueError, match="lm_heads"):
-        model, _ = tiny_musicgen(quantization_config=BitsAndBytesConfig(load_in_4bit=True))
+    # bitsandbytes matches skip names against full module paths: "lm_heads" alone does not keep decoder.lm_heads.0.
+    model, _ = tiny_musicgen(
+        quantization_config=BitsAndBytesConfig(load_in_4bit=True, llm_int8_skip_modules=["lm_heads"])
+    )
+    with pytest.raises(ValueError, match="decoder.lm_heads.0 is quantized"):
         prepare_quantized_model(model)
     with pytest.raises(ValueError, match="exclusive"):
         musicgen_quantization_config(load_in_4bit=True, load_in_8bit=True)

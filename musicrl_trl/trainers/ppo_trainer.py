@@ -431,12 +431,19 @@ class MusicPPOTrainer(PPOTrainer):
     @torch.no_grad()
     def _anchor_log_dist(self, rollout: MusicRollout) -> torch.Tensor:
         guided = self.sampling.guided
+        with self.accelerator.autocast():  # the policy's precision (bf16/fp16), so that KL = 0 at the start
+            return self._anchor_log_dist_in_precision(rollout, guided)
+
+    def _anchor_log_dist_in_precision(self, rollout: MusicRollout, guided: bool) -> torch.Tensor:
         if self.ref_model is None:
             with self.null_ref_context():
                 policy = self.accelerator.unwrap_model(self.model).policy
                 output = decoder_logits(policy, rollout.prompt_ids, rollout.prompt_mask, rollout.grid, guided)
         else:
             output = decoder_logits(self.ref_model, rollout.prompt_ids, rollout.prompt_mask, rollout.grid, guided)
+        output.logits = output.logits.float()
+        if output.uncond_logits is not None:
+            output.uncond_logits = output.uncond_logits.float()
         return self._code_logprobs(output, rollout.codes)[0]
 
     @staticmethod
