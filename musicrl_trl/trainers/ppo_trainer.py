@@ -298,6 +298,9 @@ class MusicPPOTrainer(PPOTrainer):
         self.reward_names = [self._reward_name(r) for r in self.reward_funcs]
         if args.gradient_checkpointing:
             self._enable_gradient_checkpointing()
+        # Set by Trainer.__init__ (which PPOTrainer never calls) and read by Trainer._save on every rank: without it
+        # save_model raises AttributeError on the non-main ranks of a multi-process run.
+        self.is_distributed_loading_by_transformers = False
 
     # ------------------------------------------------------------------ checks
     @staticmethod
@@ -628,7 +631,15 @@ class MusicPPOTrainer(PPOTrainer):
         ``PeftModel.from_pretrained``, and (``save_merged_lora``) merged full weights to ``<output_dir>/merged``
         for ``MusicgenForConditionalGeneration.from_pretrained`` and ``pipeline("text-to-audio")``."""
         output_dir = output_dir or self.args.output_dir
-        super().save_model(output_dir, _internal_call)
+        wrapped = self.model
+        if isinstance(wrapped, nn.parallel.DistributedDataParallel):
+            # TRL saves `self.model.policy`, which a DDP wrapper hides: it would save policy, value network and
+            # their tied T5 embeddings as one state dict (refused by safetensors) instead of the policy alone.
+            self.model = wrapped.module
+        try:
+            super().save_model(output_dir, _internal_call)
+        finally:
+            self.model = wrapped
         if self.is_peft_model and self.args.save_merged_lora and not _internal_call and self.args.should_save:
             policy = copy.deepcopy(self.accelerator.unwrap_model(self.model).policy).merge_and_unload()
             merged_dir = os.path.join(output_dir, "merged")

@@ -1,0 +1,92 @@
+"""Two real CPU processes (gloo) under torchrun: the trainer alone and examples/ppo_musicrl.py both finish, keep
+identical weights on both ranks, sample different prompts with different seeds per rank, gather metrics and save
+one model.
+
+The launch line is the one documented in examples/accelerate_configs/multi_cpu.yaml: `accelerate launch
+--num_processes 2 --cpu` starts a single process, `ACCELERATE_USE_CPU=true torchrun --nproc_per_node 2` starts two.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+RECORDER = ROOT / "tests" / "scripts" / "record_ranks.py"
+
+pytestmark = pytest.mark.slow
+
+
+def launch_two_ranks(tmp_path):
+    """One torchrun launch of two CPU ranks that runs the trainer job, then the example job."""
+    example_args = [
+        "--total_episodes",
+        "16",
+        "--per_device_train_batch_size",
+        "4",
+        "--response_length",
+        "8",
+        "--output_dir",
+        tmp_path / "example",
+        "--report_to",
+        "none",
+    ]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(RECORDER),
+        str(tmp_path),
+        str(tmp_path / "trainer"),
+        *map(str, example_args),
+    ]
+    env = {
+        **os.environ,
+        "ACCELERATE_USE_CPU": "true",
+        "OMP_NUM_THREADS": "1",
+        "HF_HUB_OFFLINE": "1",
+        "CUDA_VISIBLE_DEVICES": "",
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    }
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, stdin=subprocess.DEVNULL)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return tmp_path, result
+
+
+def records(run_dir, job):
+    return [json.loads((run_dir / f"{job}-rank{rank}.json").read_text()) for rank in (0, 1)]
+
+
+def check_ranks(records, updates, distinct_prompts):
+    rank0, rank1 = records
+    assert rank0["num_processes"] == rank1["num_processes"] == 2
+    assert rank0["distributed_type"] == "DistributedType.MULTI_CPU"
+    assert rank0["weights_sha256"] == rank1["weights_sha256"]  # gradients all-reduced: identical weights
+    assert len(rank0["prompts"]) == len(rank1["prompts"]) == updates
+    for prompts0, prompts1 in zip(rank0["prompts"], rank1["prompts"]):
+        assert prompts0 != prompts1  # each rank its own share of the batch
+        if distinct_prompts:
+            assert not set(prompts0) & set(prompts1)
+    assert rank0["seed"] != rank1["seed"]  # and its own sampling seed
+    assert rank0["scores"] == rank1["scores"]  # metrics are gathered over both ranks before logging
+
+
+def saved_weights(output_dir):
+    return sorted(p.relative_to(output_dir).as_posix() for p in Path(output_dir).rglob("*.safetensors"))
+
+
+def test_trainer_and_example_on_two_cpu_processes(tmp_path):
+    # One test, not two sharing a fixture: under pytest-xdist a shared module fixture would launch once per worker.
+    run_dir, result = launch_two_ranks(tmp_path)
+    check_ranks(records(run_dir, "trainer"), updates=2, distinct_prompts=True)
+    assert saved_weights(run_dir / "trainer") == ["model.safetensors"]
+    # The demo's prompt list repeats its 8 prompts, so ranks may draw equal texts from different rows.
+    check_ranks(records(run_dir, "example"), updates=2, distinct_prompts=False)
+    assert saved_weights(run_dir / "example") == ["model.safetensors"]  # saved once, by rank 0
+    assert result.stdout.count("mean reward, last") == 1  # the summary is printed by the main process only
