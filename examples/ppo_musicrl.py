@@ -25,11 +25,13 @@ import time
 from dataclasses import dataclass, field
 
 import torch
+from accelerate import PartialState
 from datasets import Dataset, load_dataset
 from transformers import MusicgenForConditionalGeneration, MusicgenProcessor
-from trl import ModelConfig, TrlParser, get_peft_config, get_quantization_config
+from trl import ModelConfig, TrlParser, get_peft_config
 
 from musicrl_trl import MusicPPOConfig, MusicPPOTrainer
+from musicrl_trl.quantization import musicgen_quantization_config
 from musicrl_trl.reward_models import LoudnessReward
 from musicrl_trl.reward_models.combination import load_recipe, rewards_from_recipe
 from musicrl_trl.testing import tiny_musicgen
@@ -66,13 +68,20 @@ class ScriptArguments:
 
 
 def load_policy(model_args: ModelConfig):
+    # --load_in_4bit / --load_in_8bit quantize the decoder layers only (text encoder, codec and LM heads stay in full
+    # precision; TRL's get_quantization_config would quantize the text encoder and miss MusicGen's module names).
+    quantization = musicgen_quantization_config(
+        model_args.load_in_4bit, model_args.load_in_8bit, model_args.dtype, model_args.bnb_4bit_quant_type,
+        model_args.use_bnb_nested_quant,
+    )
     if model_args.model_name_or_path is None:
-        return tiny_musicgen(seed=0)  # the embedded offline default
-    quantization = get_quantization_config(model_args)
+        return tiny_musicgen(seed=0, quantization_config=quantization)  # the embedded offline default
     model = MusicgenForConditionalGeneration.from_pretrained(
         model_args.model_name_or_path,
         revision=model_args.model_revision,
         quantization_config=quantization,
+        # Quantized weights load straight onto this rank's GPU (one full copy per rank under DDP).
+        device_map={"": PartialState().local_process_index} if quantization and torch.cuda.is_available() else None,
         dtype=model_args.dtype if model_args.dtype in (None, "auto") else getattr(torch, model_args.dtype),
     )
     return model, MusicgenProcessor.from_pretrained(model_args.model_name_or_path, revision=model_args.model_revision)

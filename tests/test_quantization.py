@@ -173,3 +173,21 @@ def test_quantized_lm_heads_are_a_clear_error():
         prepare_quantized_model(model)
     with pytest.raises(ValueError, match="exclusive"):
         musicgen_quantization_config(load_in_4bit=True, load_in_8bit=True)
+
+
+def test_example_load_policy_quantizes_the_demo_model_too():
+    # --load_in_4bit on the offline demo used to be ignored without a word.
+    import importlib.util
+    from pathlib import Path
+
+    from trl import ModelConfig
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "ppo_musicrl.py"
+    spec = importlib.util.spec_from_file_location("ppo_musicrl_example", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    model, _ = example.load_policy(ModelConfig(load_in_4bit=True))
+    quantized = [name for name, module in model.named_modules() if isinstance(module, bnb.nn.Linear4bit)]
+    assert quantized and all(name.startswith("decoder.model.decoder.layers.") for name in quantized)
+    model, _ = example.load_policy(ModelConfig())
+    assert not is_quantized(model)
