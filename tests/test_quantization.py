@@ -178,6 +178,7 @@ def test_quantized_lm_heads_are_a_clear_error():
 def test_example_load_policy_quantizes_the_demo_model_too():
     # --load_in_4bit on the offline demo used to be ignored without a word.
     import importlib.util
+    import sys
     from pathlib import Path
 
     from trl import ModelConfig
@@ -185,6 +186,7 @@ def test_example_load_policy_quantizes_the_demo_model_too():
     path = Path(__file__).resolve().parents[1] / "examples" / "ppo_musicrl.py"
     spec = importlib.util.spec_from_file_location("ppo_musicrl_example", path)
     example = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = example  # its dataclasses look their module up while being defined
     spec.loader.exec_module(example)
     model, _ = example.load_policy(ModelConfig(load_in_4bit=True))
     quantized = [name for name, module in model.named_modules() if isinstance(module, bnb.nn.Linear4bit)]
