@@ -90,3 +90,47 @@ def test_trainer_and_example_on_two_cpu_processes(tmp_path):
     check_ranks(records(run_dir, "example"), updates=2, distinct_prompts=False)
     assert saved_weights(run_dir / "example") == ["model.safetensors"]  # saved once, by rank 0
     assert result.stdout.count("mean reward, last") == 1  # the summary is printed by the main process only
+
+
+CONFIGS = ROOT / "examples" / "accelerate_configs"
+
+
+@pytest.mark.parametrize(
+    "name, distributed_type",
+    [
+        ("multi_cpu", "MULTI_CPU"),
+        ("single_gpu", "NO"),
+        ("multi_gpu", "MULTI_GPU"),
+        ("deepspeed_zero2", "DEEPSPEED"),
+        ("deepspeed_zero3", "DEEPSPEED"),
+        ("fsdp", "FSDP"),
+    ],
+)
+def test_accelerate_configs_load_and_say_when_to_use_them(name, distributed_type):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    path = CONFIGS / f"{name}.yaml"
+    config = load_config_from_file(str(path))
+    assert config.distributed_type == distributed_type
+    comments = [line for line in path.read_text().splitlines() if line.startswith("#")]
+    assert len(comments) >= 4  # when to use it, and how to launch it
+    assert any("launch" in line or "torchrun" in line for line in comments)
+
+
+def test_under_deepspeed_rewards_stay_whole_and_the_anchor_goes_to_trl(monkeypatch):
+    # DeepSpeed is not installed here: TRL's prepare_deepspeed is replaced by a recorder. What is tested is which
+    # modules MusicPPOTrainer hands to it (the anchor) and which it keeps whole on the device (the rewards).
+    import torch
+    import trl.experimental.ppo.ppo_trainer as trl_ppo
+    from accelerate import Accelerator
+
+    from musicrl_trl.trainers import MusicPPOConfig
+    from musicrl_trl.trainers.ppo_trainer import RewardModules, _reuse_trl_ppo_init
+
+    handed_to_deepspeed = []
+    monkeypatch.setattr(trl_ppo, "prepare_deepspeed", lambda model, accelerator: handed_to_deepspeed.append(model))
+    rewards, anchor = RewardModules([torch.nn.Linear(2, 1)]), torch.nn.Linear(2, 2)
+    with _reuse_trl_ppo_init(MusicPPOConfig(output_dir="unused", report_to=[])):
+        placed = trl_ppo.prepare_deepspeed(rewards, Accelerator(cpu=True))
+        trl_ppo.prepare_deepspeed(anchor, None)
+    assert placed is rewards and handed_to_deepspeed == [anchor]

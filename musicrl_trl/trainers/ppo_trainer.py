@@ -177,16 +177,33 @@ def _reuse_trl_ppo_init(args: MusicPPOConfig):
     kl_estimator = args.kl_estimator
     text_wrapper = trl_ppo.PolicyAndValueWrapper
     accelerator_class = trl_ppo.Accelerator
+    prepare_deepspeed = trl_ppo.prepare_deepspeed
     args.kl_estimator = "k1"
     trl_ppo.PolicyAndValueWrapper = MusicPolicyAndValue
     # TRL builds Accelerator() without the config's precision, so bf16=True/fp16=True were silently ignored.
     trl_ppo.Accelerator = functools.partial(accelerator_class, mixed_precision=args.mixed_precision)
+    trl_ppo.prepare_deepspeed = functools.partial(_prepare_deepspeed_keeping_rewards_whole, prepare_deepspeed)
     try:
         yield
     finally:
         args.kl_estimator = kl_estimator
         trl_ppo.PolicyAndValueWrapper = text_wrapper
         trl_ppo.Accelerator = accelerator_class
+        trl_ppo.prepare_deepspeed = prepare_deepspeed
+
+
+class RewardModules(nn.ModuleList):
+    """The rewards that are modules, handed to TRL as its ``reward_model`` (it moves them to the device)."""
+
+
+def _prepare_deepspeed_keeping_rewards_whole(prepare_deepspeed, model, accelerator):
+    """Under DeepSpeed TRL wraps the reference and the reward model in inference engines, sharded under ZeRO-3.
+    Rewards are called as plain functions on each rank's own batch (CLAP's ``get_audio_features``, feature
+    extractors, NumPy), not through an engine's forward in lockstep, so they stay whole on every device; the anchor
+    (a separate reference copy) is TRL's: replicated under ZeRO-1/2, sharded under ZeRO-3."""
+    if isinstance(model, RewardModules):
+        return model.to(accelerator.device)
+    return prepare_deepspeed(model, accelerator)
 
 
 def _collate_prompts(rows: list[dict]) -> dict[str, list[str]]:
@@ -275,7 +292,7 @@ class MusicPPOTrainer(PPOTrainer):
                 )
 
         # TRL moves the reward model to the device and disables its dropout: give it the rewards that are modules.
-        reward_modules = nn.ModuleList([r for r in self.reward_funcs if isinstance(r, nn.Module)])
+        reward_modules = RewardModules([r for r in self.reward_funcs if isinstance(r, nn.Module)])
         with _reuse_trl_ppo_init(args):
             super().__init__(
                 args=args,
