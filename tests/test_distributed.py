@@ -85,7 +85,7 @@ def test_trainer_and_example_on_two_cpu_processes(tmp_path):
     # One test, not two sharing a fixture: under pytest-xdist a shared module fixture would launch once per worker.
     run_dir, result = launch_two_ranks(tmp_path)
     check_ranks(records(run_dir, "trainer"), updates=2, distinct_prompts=True)
-    assert saved_weights(run_dir / "trainer") == ["model.safetensors"]
+    assert saved_weights(run_dir / "trainer") == ["adapter_model.safetensors", "merged/model.safetensors"]
     # The demo's prompt list repeats its 8 prompts, so ranks may draw equal texts from different rows.
     check_ranks(records(run_dir, "example"), updates=2, distinct_prompts=False)
     assert saved_weights(run_dir / "example") == ["model.safetensors"]  # saved once, by rank 0

@@ -448,6 +448,21 @@ class MusicPPOTrainer(PPOTrainer):
             per_code = -log_ratio if self.args.kl_estimator == "k1" else log_ratio.exp() - 1 - log_ratio
         return codebooks.codes_to_steps(per_code, self.audio_channels)
 
+    @contextlib.contextmanager
+    def null_ref_context(self):
+        """The LoRA anchor: the policy with its adapter disabled (or ``ref_adapter_name`` active). TRL's version reads
+        ``self.model.policy``, which a DDP wrapper hides (AttributeError on every multi-process LoRA run)."""
+        policy = self.accelerator.unwrap_model(self.model).policy
+        use_adapter = bool(self.ref_adapter_name)
+        with policy.disable_adapter() if self.is_peft_model and not use_adapter else contextlib.nullcontext():
+            if use_adapter:
+                policy.set_adapter(self.ref_adapter_name)
+            try:
+                yield
+            finally:
+                if use_adapter:
+                    policy.set_adapter(self.model_adapter_name or "default")
+
     @torch.no_grad()
     def _anchor_log_dist(self, rollout: MusicRollout) -> torch.Tensor:
         guided = self.sampling.guided

@@ -60,6 +60,7 @@ MusicPPOTrainer._prompt_batch, MusicPPOTrainer.train = recording_prompt_batch, r
 
 def run_trainer(output_dir):
     from datasets import Dataset
+    from peft import LoraConfig
 
     from musicrl_trl import MusicPPOConfig
     from musicrl_trl.testing import tiny_musicgen
@@ -80,8 +81,15 @@ def run_trainer(output_dir):
         seed=0,
     )
     prompts = [f"prompt {i}" for i in range(8)]
+    # LoRA here (the anchor is the adapter-disabled policy inside the DDP wrapper); the example job trains fully.
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"])
     trainer = MusicPPOTrainer(
-        args, processor, model, reward_model=loudness, train_dataset=Dataset.from_dict({"prompt": prompts})
+        args,
+        processor,
+        model,
+        reward_model=loudness,
+        train_dataset=Dataset.from_dict({"prompt": prompts}),
+        peft_config=lora,
     )
     trainer.train()
     trainer.save_model(output_dir)
