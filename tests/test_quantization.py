@@ -193,3 +193,31 @@ def test_example_load_policy_quantizes_the_demo_model_too():
     assert quantized and all(name.startswith("decoder.model.decoder.layers.") for name in quantized)
     model, _ = example.load_policy(ModelConfig())
     assert not is_quantized(model)
+
+
+def test_quantized_value_trunk_checkpoints_and_resumes(tmp_path):
+    def trainer():
+        model, processor = quantized_tiny_musicgen()
+        lora = LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS)
+        args = make_config(tmp_path, save_strategy="steps", save_steps=1, save_merged_lora=False)
+        return MusicPPOTrainer(
+            args,
+            processor,
+            model,
+            reward_model=loudness,
+            train_dataset=Dataset.from_dict({"prompt": PROMPTS}),
+            peft_config=lora,
+        )
+
+    def value_state(t):
+        value_model = t.accelerator.unwrap_model(t.model).value_model
+        return {n: p.detach().clone() for n, p in value_model.named_parameters() if p.requires_grad}
+
+    first = trainer()
+    first.train()
+    resumed = trainer()
+    assert any(not torch.equal(p, value_state(first)[n]) for n, p in value_state(resumed).items())
+    resumed.train(resume_from_checkpoint=True)  # checkpoint-2: the end of the first run, nothing left to train
+    assert resumed.state.global_step == 2
+    for name, param in value_state(resumed).items():
+        torch.testing.assert_close(param, value_state(first)[name], msg=name)

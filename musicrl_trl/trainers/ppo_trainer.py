@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 import trl.experimental.ppo.ppo_trainer as trl_ppo
 from datasets import Dataset
-from safetensors.torch import load_file, load_model, save_model
+from safetensors.torch import load_file, load_model, save_file, save_model
 from transformers import MusicgenForConditionalGeneration, MusicgenProcessor, TrainerCallback
 from trl.experimental.ppo import PPOTrainer
 from trl.experimental.ppo.ppo_trainer import masked_mean, masked_whiten
@@ -136,6 +136,30 @@ class MusicValueModel(nn.Module):
             output = decoder_logits(self.backbone, prompt_ids, prompt_mask, grid, output_hidden_states=True)
             hidden = output.hidden_states
         return self.score(hidden.to(self.score.weight.dtype)).squeeze(-1)
+
+
+def save_value_model(value_model: MusicValueModel, path: str) -> None:
+    """Checkpoint the value network (safetensors). A quantized trunk saves only what trains (adapters and head): its
+    frozen 4/8-bit weights are the starting checkpoint's, and bitsandbytes' packed tensors do not load back into a
+    module with ``load_state_dict``."""
+    if is_quantized(value_model):
+        save_file({n: p.detach().contiguous() for n, p in value_model.named_parameters() if p.requires_grad}, path)
+    else:
+        save_model(value_model, path)  # de-duplicates tied tensors (T5's shared embeddings) that save_file refuses
+
+
+def load_value_model(value_model: MusicValueModel, path: str) -> None:
+    if not is_quantized(value_model):
+        load_model(value_model, path)
+        return
+    state = load_file(path)
+    trainable = {n for n, p in value_model.named_parameters() if p.requires_grad}
+    if set(state) != trainable:
+        raise ValueError(
+            f"{path} does not match the value network (missing {sorted(trainable - set(state))[:3]}, unexpected "
+            f"{sorted(set(state) - trainable)[:3]}); resume with the model and LoRA settings the run started from."
+        )
+    value_model.load_state_dict(state, strict=False)
 
 
 class MusicPolicyAndValue(nn.Module):
@@ -684,7 +708,7 @@ class MusicPPOTrainer(PPOTrainer):
         if self.accelerator.is_main_process:
             # save_model de-duplicates tied tensors (T5's shared embeddings) that save_file refuses.
             value_model = self.accelerator.unwrap_model(self.model).value_model
-            save_model(value_model, os.path.join(checkpoint_dir, VALUE_WEIGHTS_NAME))
+            save_value_model(value_model, os.path.join(checkpoint_dir, VALUE_WEIGHTS_NAME))
 
     def _resume(self, checkpoint: str | bool) -> None:
         """Restore policy, value model, optimizer, scheduler, RNG and trainer state from a checkpoint directory
@@ -714,7 +738,7 @@ class MusicPPOTrainer(PPOTrainer):
                     f"checkpoint {checkpoint} does not match the policy (missing {missing[:3]}, unexpected "
                     f"{unexpected[:3]}); resume with the model the run started from."
                 )
-        load_model(unwrapped.value_model, os.path.join(checkpoint, VALUE_WEIGHTS_NAME))
+        load_value_model(unwrapped.value_model, os.path.join(checkpoint, VALUE_WEIGHTS_NAME))
         # Trainer._load_optimizer_and_scheduler needs Trainer state PPOTrainer never sets; the files are the same.
         # weights_only=True: tensors and plain containers only, no arbitrary pickles.
         optimizer_state = torch.load(os.path.join(checkpoint, "optimizer.pt"), map_location="cpu", weights_only=True)
