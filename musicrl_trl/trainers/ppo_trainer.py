@@ -95,16 +95,25 @@ class MusicValueModel(nn.Module):
         nn.init.zeros_(self.score.bias)
 
     @classmethod
-    def from_policy(cls, policy: nn.Module, share_backbone: bool, peft_config=None) -> MusicValueModel:
-        """The value network for ``policy``: a head on the policy's trunk, or on a copy of it (``peft_config``:
-        the LoRA config that trains a quantized copy; required for quantized policies)."""
+    def from_policy(
+        cls, policy: nn.Module, share_backbone: bool, peft_config=None, lora_trunk: bool | None = None
+    ) -> MusicValueModel:
+        """The value network for ``policy``: a head on the policy's trunk, or on a copy of it, trained fully or,
+        with ``lora_trunk`` (default: only for quantized policies), through LoRA adapters (``peft_config``)."""
         musicgen = unwrap_musicgen(policy)
         backbone = None
-        if not share_backbone and is_quantized(musicgen):
+        if lora_trunk is None:
+            lora_trunk = is_quantized(musicgen)
+        elif not lora_trunk and not share_backbone and is_quantized(musicgen):
+            raise ValueError(
+                "lora_value_trunk=False: a copy of a quantized (4/8-bit) policy cannot be trained fully. Leave "
+                "lora_value_trunk unset (LoRA trunk) or set share_value_backbone=True."
+            )
+        if not share_backbone and lora_trunk:
             if peft_config is None:
                 raise ValueError(
-                    "a quantized (4/8-bit) policy trains through LoRA: pass peft_config (e.g. --use_peft), so that "
-                    "the separate value trunk gets LoRA adapters too, or set share_value_backbone=True."
+                    "a LoRA value trunk (always, for a quantized 4/8-bit policy) needs peft_config (e.g. --use_peft), "
+                    "or set share_value_backbone=True."
                 )
             from peft import get_peft_model
 
@@ -312,7 +321,8 @@ class MusicPPOTrainer(PPOTrainer):
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(args.seed)
                 value_model = MusicValueModel.from_policy(
-                    model, share_backbone=args.share_value_backbone, peft_config=peft_config
+                    model, share_backbone=args.share_value_backbone, peft_config=peft_config,
+                    lora_trunk=args.lora_value_trunk,
                 )
 
         # TRL moves the reward model to the device and disables its dropout: give it the rewards that are modules.
