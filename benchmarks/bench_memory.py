@@ -9,9 +9,10 @@ Run by hand (not in CI). Every configuration trains in a fresh subprocess from t
 Configurations (all with the default separate value network unless named otherwise):
   full        full fine-tuning of the decoder, with its frozen reference copy
   lora        LoRA on the decoder (r 16), anchor = the adapter-disabled policy
+  lora_lora_value  LoRA, and the separate value trunk trained through LoRA too (lora_value_trunk)
   lora_shared LoRA with the value head on the policy's trunk (share_value_backbone)
   qlora       LoRA on a 4-bit (NF4) decoder; the value trunk is a LoRA'd 4-bit copy
-Ratios: lora / full (goal <= 0.6), qlora / lora (goal <= 0.5), lora_shared / lora. Then the lora configuration under
+Ratios: lora / full (goal <= 0.6), qlora / lora (goal <= 0.5), lora_lora_value / full, lora_shared / lora. Then the lora configuration under
 torchrun on 1 and on 2 processes (CPU: `ACCELERATE_USE_CPU=true torchrun`; GPU: one GPU per process), as seconds
 per episode.
 
@@ -36,6 +37,7 @@ import time
 CONFIGURATIONS = {
     "full": dict(peft=False, bits=None, share_value_backbone=False),
     "lora": dict(peft=True, bits=None, share_value_backbone=False),
+    "lora_lora_value": dict(peft=True, bits=None, share_value_backbone=False, lora_value_trunk=True),
     "lora_shared": dict(peft=True, bits=None, share_value_backbone=True),
     "qlora": dict(peft=True, bits=4, share_value_backbone=False),
 }
@@ -127,6 +129,7 @@ def worker(settings: dict) -> dict:
         response_length=settings["response_length"],
         guidance_scale=settings["guidance_scale"],
         share_value_backbone=configuration["share_value_backbone"],
+        lora_value_trunk=configuration.get("lora_value_trunk"),
         gradient_checkpointing=settings["checkpointing"],
         bf16=settings["bf16"],
         use_cpu=not cuda,
@@ -242,7 +245,7 @@ def main():
         for name in args.configurations:
             results[name] = run_worker({**settings, "configuration": name})
             print(
-                f"{name:12s} peak {results[name]['peak_bytes'] / 2**30:7.3f} GiB  "
+                f"{name:16s} peak {results[name]['peak_bytes'] / 2**30:7.3f} GiB  "
                 f"trainable {results[name]['trainable_parameters'] / 1e6:8.1f} M  "
                 f"{results[name]['seconds_per_episode']:.3f} s/episode",
                 flush=True,
@@ -262,6 +265,7 @@ def main():
 
     ratios = {
         "lora / full": ratio("lora", "full"),
+        "lora_lora_value / full": ratio("lora_lora_value", "full"),
         "qlora / lora": ratio("qlora", "lora"),
         "lora_shared / lora": ratio("lora_shared", "lora"),
     }
