@@ -7,14 +7,14 @@ Run by hand (not in CI). Every configuration trains in a fresh subprocess from t
     python benchmarks/bench_memory.py --batch-size 16 --response-length 503   # on a GPU: batch 16, 10 s clips
 
 Configurations (all with the default separate value network unless named otherwise):
-  full        full fine-tuning of the decoder, with its frozen reference copy
-  lora        LoRA on the decoder (r 16), anchor = the adapter-disabled policy
+  full             full fine-tuning of the decoder, with its frozen reference copy
+  lora             LoRA on the decoder (r 16), anchor = the adapter-disabled policy; value trunk trained fully
   lora_lora_value  LoRA, and the separate value trunk trained through LoRA too (lora_value_trunk)
-  lora_shared LoRA with the value head on the policy's trunk (share_value_backbone)
-  qlora       LoRA on a 4-bit (NF4) decoder; the value trunk is a LoRA'd 4-bit copy
-Ratios: lora / full (goal <= 0.6), qlora / lora (goal <= 0.5), lora_lora_value / full, lora_shared / lora. Then the lora configuration under
-torchrun on 1 and on 2 processes (CPU: `ACCELERATE_USE_CPU=true torchrun`; GPU: one GPU per process), as seconds
-per episode.
+  lora_shared      LoRA with the value head on the policy's trunk (share_value_backbone)
+  qlora            LoRA on a 4-bit (NF4) decoder; the value trunk is a LoRA'd 4-bit copy
+Ratios: lora / full (goal <= 0.6), qlora / lora (goal <= 0.5), lora_lora_value / full, lora_shared / lora. Then
+the lora configuration under torchrun on 1 and on 2 processes (CPU: `ACCELERATE_USE_CPU=true torchrun`; GPU: one
+GPU per process), as seconds per episode.
 
 Memory: on CUDA, ``torch.cuda.max_memory_allocated`` from just after the model is loaded to the end of training; on
 CPU, the peak resident set size (VmHWM, reset after loading) minus the resident size after the imports, i.e. what the
