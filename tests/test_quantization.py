@@ -209,7 +209,7 @@ def test_quantized_value_trunk_checkpoints_and_resumes(tmp_path):
     def trainer():
         model, processor = quantized_tiny_musicgen()
         lora = LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS)
-        args = make_config(tmp_path, save_strategy="steps", save_steps=1, save_merged_lora=False)
+        args = make_config(tmp_path, total_episodes=4, save_strategy="steps", save_steps=1, save_merged_lora=False)
         return MusicPPOTrainer(
             args,
             processor,
@@ -227,7 +227,7 @@ def test_quantized_value_trunk_checkpoints_and_resumes(tmp_path):
     first.train()
     resumed = trainer()
     assert any(not torch.equal(p, value_state(first)[n]) for n, p in value_state(resumed).items())
-    resumed.train(resume_from_checkpoint=True)  # checkpoint-2: the end of the first run, nothing left to train
-    assert resumed.state.global_step == 2
+    resumed.train(resume_from_checkpoint=True)  # checkpoint-1: the end of the first run, nothing left to train
+    assert resumed.state.global_step == 1
     for name, param in value_state(resumed).items():
         torch.testing.assert_close(param, value_state(first)[name], msg=name)
