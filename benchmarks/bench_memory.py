@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import gc
 import json
 import os
 import subprocess
@@ -112,6 +113,13 @@ def worker(settings: dict) -> dict:
         device_map={"": local_rank} if quantization is not None and cuda else None,
     )
     processor = MusicgenProcessor.from_pretrained(settings["model_dir"])
+    # from_pretrained leaves weights as views of the memory-mapped checkpoint; pages read while quantizing stay
+    # resident (as file-backed RSS) as long as any view maps the file. Own copies release the mapping, so that the
+    # measure counts the weights the run really holds, quantized or not.
+    with torch.no_grad():
+        for tensor in [*model.parameters(), *model.buffers()]:
+            tensor.data = tensor.data.clone()
+    gc.collect()
     _release_freed_memory()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
