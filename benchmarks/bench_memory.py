@@ -114,15 +114,18 @@ class _PeakSampler:
 
 def worker(settings: dict) -> dict:
     """Load, build the trainer, train; return memory and time. Runs in its own process (one per configuration)."""
+    import bitsandbytes  # noqa: F401  (imported by every configuration; its import is not the run's memory)
     import torch
-
-    baseline_kib = _rss_kib("RssAnon")
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import MusicgenForConditionalGeneration, MusicgenProcessor
 
     from musicrl_trl import MusicPPOConfig, MusicPPOTrainer
     from musicrl_trl.quantization import musicgen_quantization_config
+
+    gc.collect()
+    _release_freed_memory()
+    baseline_kib = _rss_kib("RssAnon")  # after the imports
 
     configuration = CONFIGURATIONS[settings["configuration"]]
     cuda = torch.cuda.is_available() and not settings["cpu"]
