@@ -30,6 +30,7 @@ import ctypes
 import gc
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -186,6 +187,7 @@ def worker(settings: dict) -> dict:
     trainer.train()
     seconds = time.perf_counter() - start
     peak_kib = sampler.stop()
+    shutil.rmtree(args.output_dir, ignore_errors=True)
     wrapper = trainer.accelerator.unwrap_model(trainer.model)
     result = {
         "configuration": settings["configuration"],
