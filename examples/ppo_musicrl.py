@@ -35,9 +35,10 @@ import time
 from dataclasses import dataclass, field
 
 import torch
+from accelerate import PartialState
 from datasets import Dataset, load_dataset
 from transformers import MusicgenForConditionalGeneration, MusicgenProcessor
-from trl import ModelConfig, TrlParser, get_peft_config, get_quantization_config
+from trl import ModelConfig, TrlParser, get_peft_config
 
 from musicrl_trl import MusicPPOConfig, MusicPPOTrainer
 from musicrl_trl.cli import (
@@ -52,7 +53,8 @@ from musicrl_trl.cli import (
     write_run_config,
 )
 from musicrl_trl.loading import ModelLoadingError, load_pretrained
-from musicrl_trl.lora import MUSICGEN_LORA_TARGET_MODULES, lora_value_model
+from musicrl_trl.lora import MUSICGEN_LORA_TARGET_MODULES
+from musicrl_trl.quantization import musicgen_quantization_config
 from musicrl_trl.reward_models import LoudnessReward
 from musicrl_trl.reward_models.combination import check_recipe_models, load_recipe, rewards_from_recipe
 from musicrl_trl.testing import tiny_musicgen
@@ -181,15 +183,22 @@ def reward_overrides(script_args: ScriptArguments, recipe: dict | None) -> dict[
 
 
 def load_policy(model_args: ModelConfig):
+    # --load_in_4bit / --load_in_8bit quantize the decoder layers only (text encoder, codec and LM heads stay in full
+    # precision; TRL's get_quantization_config would quantize the text encoder and miss MusicGen's module names).
+    quantization = musicgen_quantization_config(
+        model_args.load_in_4bit, model_args.load_in_8bit, model_args.dtype, model_args.bnb_4bit_quant_type,
+        model_args.use_bnb_nested_quant,
+    )
     if model_args.model_name_or_path is None:
-        return tiny_musicgen(seed=0)  # the embedded offline default
-    quantization = get_quantization_config(model_args)
+        return tiny_musicgen(seed=0, quantization_config=quantization)  # the embedded offline default
     model = load_pretrained(
         MusicgenForConditionalGeneration.from_pretrained,
         model_args.model_name_or_path,
         "policy",
         revision=model_args.model_revision,
         quantization_config=quantization,
+        # Quantized weights load straight onto this rank's GPU (one full copy per rank under DDP).
+        device_map={"": PartialState().local_process_index} if quantization and torch.cuda.is_available() else None,
         dtype=model_args.dtype if model_args.dtype in (None, "auto") else getattr(torch, model_args.dtype),
     )
     processor = load_pretrained(
@@ -290,9 +299,9 @@ def main():
         training_args.reward_weights = weights
 
     peft_config = get_peft_config(model_args)
-    value_model = None
-    if peft_config is not None and not training_args.share_value_backbone:
-        value_model = lora_value_model(model, peft_config, seed=training_args.seed)
+    if peft_config is not None and training_args.lora_value_trunk is None:
+        # A LoRA run trains the separate value network through the same adapters (not a full decoder copy).
+        training_args.lora_value_trunk = True
 
     start = time.time()
     trainer = MusicPPOTrainer(
@@ -302,7 +311,6 @@ def main():
         ref_model=ref_model,
         reward_model=rewards,
         train_dataset=train_dataset,
-        value_model=value_model,
         eval_dataset=load_eval_prompts(script_args, training_args),
         peft_config=peft_config,
     )

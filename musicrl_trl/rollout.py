@@ -269,22 +269,30 @@ def generate_rollout(
 
     stash = _StashDecoderLogits()
     recorder = _RecordSampledCodes(stash, sampling)
-    audio = model.generate(
-        input_ids=prompt_ids,
-        attention_mask=prompt_mask,
-        do_sample=True,
-        max_new_tokens=num_steps,
-        min_new_tokens=None,
-        guidance_scale=sampling.guidance_scale,
-        temperature=sampling.temperature,
-        top_k=sampling.top_k,
-        top_p=1.0,
-        min_p=None,
-        typical_p=1.0,
-        repetition_penalty=1.0,
-        logits_processor=LogitsProcessorList([stash]),
-        stopping_criteria=StoppingCriteriaList([recorder]),
-    )
+    # Sampling runs in eval mode: with gradient checkpointing on, train-mode decoder layers drop the KV cache
+    # (transformers' GradientCheckpointingLayer), which would make generate attend to the last token only.
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        audio = model.generate(
+            input_ids=prompt_ids,
+            attention_mask=prompt_mask,
+            do_sample=True,
+            max_new_tokens=num_steps,
+            min_new_tokens=None,
+            guidance_scale=sampling.guidance_scale,
+            temperature=sampling.temperature,
+            top_k=sampling.top_k,
+            top_p=1.0,
+            min_p=None,
+            typical_p=1.0,
+            repetition_penalty=1.0,
+            logits_processor=LogitsProcessorList([stash]),
+            stopping_criteria=StoppingCriteriaList([recorder]),
+        )
+    finally:
+        for module, training in modes:
+            module.training = training
 
     # generate may run its stopping check one step late and undo it; keep exactly num_steps steps.
     grid_length = num_steps + 1

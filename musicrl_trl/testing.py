@@ -11,7 +11,9 @@ Every builder takes a ``seed`` and gives the same weights for the same seed.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import tempfile
 
 import torch
@@ -203,27 +205,78 @@ def save_tiny_musicgen(
 
 
 def tiny_musicgen(
-    num_codebooks: int = 4, audio_channels: int = 1, seed: int = 0, save_directory: str | os.PathLike | None = None
+    num_codebooks: int = 4,
+    audio_channels: int = 1,
+    seed: int = 0,
+    save_directory: str | os.PathLike | None = None,
+    quantization_config=None,
 ) -> tuple[MusicgenForConditionalGeneration, MusicgenProcessor]:
     """A tiny random MusicGen (T5 text encoder, EnCodec codec, K-codebook decoder) and its processor.
 
     Both are saved to ``save_directory`` (a temporary directory if not given) and loaded back with
     ``from_pretrained``, so they go through the same loading path as a Hub checkpoint. The model is in eval mode.
+    ``quantization_config`` is passed to ``from_pretrained`` (e.g.
+    ``musicrl_trl.quantization.musicgen_quantization_config(load_in_4bit=True)``). Under torch.distributed, rank 0
+    builds and saves the model once and every rank loads it (see ``_built_once``).
 
     >>> model, processor = tiny_musicgen(num_codebooks=4)
     >>> model.decoder.num_codebooks, model.config.sampling_rate
     (4, 32000)
     """
-    if save_directory is None:
-        with tempfile.TemporaryDirectory(prefix="tiny-musicgen-") as tmp:
-            return _load_tiny_musicgen(save_tiny_musicgen(tmp, num_codebooks, audio_channels, seed))
-    return _load_tiny_musicgen(save_tiny_musicgen(save_directory, num_codebooks, audio_channels, seed))
+    with _built_once(save_directory, "tiny-musicgen-") as (path, builds_here):
+        if builds_here:
+            save_tiny_musicgen(path, num_codebooks, audio_channels, seed)
+        return _load_tiny_musicgen(path, quantization_config)
 
 
-def _load_tiny_musicgen(path: str) -> tuple[MusicgenForConditionalGeneration, MusicgenProcessor]:
-    model = MusicgenForConditionalGeneration.from_pretrained(path)
+def _load_tiny_musicgen(
+    path: str, quantization_config=None
+) -> tuple[MusicgenForConditionalGeneration, MusicgenProcessor]:
+    model = MusicgenForConditionalGeneration.from_pretrained(path, quantization_config=quantization_config)
     processor = MusicgenProcessor.from_pretrained(path)
     return model.eval(), processor
+
+
+def _distributed_world() -> tuple[int, int]:
+    """(rank, world size) of an initialised torch.distributed group, else (0, 1)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+@contextlib.contextmanager
+def _built_once(save_directory, prefix: str):
+    """A directory to build a tiny model in, and whether this process builds it.
+
+    Under torch.distributed (e.g. ``ACCELERATE_USE_CPU=true torchrun --nproc_per_node 2``) ``save_pretrained`` writes
+    on rank 0 only, so ranks that each built and saved to their own temporary folder found it empty
+    (``OSError: no file named model.safetensors``). Here rank 0 builds in one folder, every rank waits at a barrier
+    and loads from it, and rank 0 removes a temporary folder after the last rank has loaded. The ranks must share a
+    filesystem (one machine); the tiny models are for tests and the offline demo.
+    """
+    rank, world_size = _distributed_world()
+    if world_size == 1:
+        if save_directory is not None:
+            yield os.fspath(save_directory), True
+            return
+        with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+            yield tmp, True
+        return
+    temporary = save_directory is None
+    path = [tempfile.mkdtemp(prefix=prefix) if temporary and rank == 0 else os.fspath(save_directory or "")]
+    torch.distributed.broadcast_object_list(path, src=0)
+    try:
+        if rank == 0:
+            yield path[0], True
+        else:
+            torch.distributed.barrier()  # rank 0 has saved
+            yield path[0], False
+    finally:
+        if rank == 0:
+            torch.distributed.barrier()  # releases the other ranks to load
+        torch.distributed.barrier()  # every rank has loaded
+        if temporary and rank == 0:
+            shutil.rmtree(path[0], ignore_errors=True)
 
 
 # --------------------------------------------------------------------------------------------------------------------

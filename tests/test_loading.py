@@ -13,7 +13,7 @@ from huggingface_hub import constants
 
 from musicrl_trl.cli import explicit_options, parse_name_values, resolve_resume
 from musicrl_trl.loading import ModelLoadingError, check_safetensors_file, load_pretrained, resolve_pretrained
-from musicrl_trl.lora import MUSICGEN_LORA_TARGET_MODULES, lora_value_model
+from musicrl_trl.lora import MUSICGEN_LORA_TARGET_MODULES
 from musicrl_trl.reward_models import QualityReward
 from musicrl_trl.reward_models.combination import check_recipe_models
 from musicrl_trl.testing import save_tiny_music_reward, tiny_musicgen
@@ -134,19 +134,26 @@ def test_resolve_resume(tmp_path):
         resolve_resume("nowhere/checkpoint-2", str(tmp_path))
 
 
-def test_lora_value_model_trains_only_adapters_and_head():
+def test_lora_value_trunk_trains_only_adapters_and_head():
     from peft import LoraConfig
+
+    from musicrl_trl.trainers.ppo_trainer import MusicValueModel
 
     policy, _ = tiny_musicgen()
     config = LoraConfig(r=4, lora_alpha=8, target_modules=list(MUSICGEN_LORA_TARGET_MODULES))
-    value_model = lora_value_model(policy, config, seed=3)
+
+    def build():
+        torch.manual_seed(3)  # as the trainer does with args.seed
+        return MusicValueModel.from_policy(policy, share_backbone=False, peft_config=config, lora_trunk=True)
+
+    value_model = build()
     trainable = [name for name, param in value_model.named_parameters() if param.requires_grad]
     assert trainable and all("lora_" in name or name.startswith("score.") for name in trainable)
     adapted = {name.split(".lora_")[0].rsplit(".", 1)[-1] for name in trainable if "lora_" in name}
     assert adapted == set(MUSICGEN_LORA_TARGET_MODULES)
     assert all(".decoder." in f".{name}" for name in trainable if "lora_" in name)
     assert not any("lora_" in name for name, _ in policy.named_parameters())  # the policy itself is untouched
-    again = lora_value_model(policy, config, seed=3)  # a resumed run rebuilds the same parameters
+    again = build()  # a resumed run rebuilds the same parameters
     for (name, a), (_, b) in zip(value_model.state_dict().items(), again.state_dict().items()):
         assert torch.equal(a, b), name
 

@@ -89,6 +89,10 @@ class MusicPPOConfig(PPOConfig):
     Parameters that control the models:
         share_value_backbone (`bool`, defaults to `False`): put the value head on the policy's decoder instead of a
             separate value network initialised from it (less memory; MusicRL used a separate network).
+        lora_value_trunk (`bool`, *optional*): with LoRA (`peft_config`), train the separate value trunk through
+            LoRA adapters of its own instead of fully. Default: yes for quantized policies (the only way to train a
+            4/8-bit trunk), no otherwise (MusicRL trained its value network fully). Saves the trunk's gradients and
+            Adam state (12 bytes per decoder parameter, ~5 GB for musicgen-small).
         train_text_encoder (`bool`, defaults to `False`): also update the T5 text encoder (frozen otherwise; the
             audio codec is never in the gradient path).
         save_merged_lora (`bool`, defaults to `True`): with LoRA, `save_model` also writes the merged full model
@@ -209,6 +213,13 @@ class MusicPPOConfig(PPOConfig):
     share_value_backbone: bool = field(
         default=False,
         metadata={"help": "Value head on the policy decoder instead of a separate value network (less memory)."},
+    )
+    lora_value_trunk: bool | None = field(
+        default=None,
+        metadata={
+            "help": "With LoRA, train the separate value trunk through its own LoRA adapters instead of fully "
+            "(default: yes for 4/8-bit policies, no otherwise)."
+        },
     )
     train_text_encoder: bool = field(default=False, metadata={"help": "Also train the T5 text encoder."})
     save_merged_lora: bool = field(

@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -36,7 +37,7 @@ import torch
 import torch.nn as nn
 import trl.experimental.ppo.ppo_trainer as trl_ppo
 from datasets import Dataset
-from safetensors.torch import load_file, load_model, save_model
+from safetensors.torch import load_file, load_model, save_file, save_model
 from transformers import GenerationConfig, MusicgenForConditionalGeneration, MusicgenProcessor, TrainerCallback
 from transformers.trainer_callback import ProgressCallback
 from trl.experimental.ppo import PPOTrainer
@@ -44,6 +45,7 @@ from trl.experimental.ppo.ppo_trainer import masked_mean, masked_whiten
 
 from .. import codebooks, hub
 from ..loading import load_pretrained
+from ..quantization import check_quantization_supported, is_quantized, prepare_quantized_model
 from ..rollout import (
     MusicRollout,
     SamplingConfig,
@@ -84,6 +86,12 @@ class MusicValueModel(nn.Module):
     With ``backbone=None`` the head reads the policy's own last hidden states (``share_value_backbone``); otherwise
     ``backbone`` is a separate copy of the starting MusicGen (MusicRL's choice: policy and value both start from the
     pretrained checkpoint). ``base_model_prefix`` and ``score`` follow TRL's value-model convention.
+
+    With a quantized (4/8-bit) policy the separate trunk is a LoRA'd copy of the quantized model: its frozen weights
+    stay quantized and only LoRA adapters (the policy's ``peft_config``) and the head learn. Its memory is one more
+    quantized decoder (about 0.53 bytes per decoder parameter in NF4: ~225 MB for musicgen-small's ~420M) plus the
+    full-precision text encoder, codec and LM heads it copies, plus adapters; a full-precision trunk would cost 4 bytes
+    per decoder parameter and its Adam state 8 more.
     """
 
     base_model_prefix = "backbone"
@@ -100,10 +108,33 @@ class MusicValueModel(nn.Module):
         nn.init.zeros_(self.score.bias)
 
     @classmethod
-    def from_policy(cls, policy: nn.Module, share_backbone: bool) -> MusicValueModel:
+    def from_policy(
+        cls, policy: nn.Module, share_backbone: bool, peft_config=None, lora_trunk: bool | None = None
+    ) -> MusicValueModel:
+        """The value network for ``policy``: a head on the policy's trunk, or on a copy of it, trained fully or,
+        with ``lora_trunk`` (default: only for quantized policies), through LoRA adapters (``peft_config``)."""
         musicgen = unwrap_musicgen(policy)
         backbone = None
-        if not share_backbone:
+        if lora_trunk is None:
+            lora_trunk = is_quantized(musicgen)
+        elif not lora_trunk and not share_backbone and is_quantized(musicgen):
+            raise ValueError(
+                "lora_value_trunk=False: a copy of a quantized (4/8-bit) policy cannot be trained fully. Leave "
+                "lora_value_trunk unset (LoRA trunk) or set share_value_backbone=True."
+            )
+        if not share_backbone and lora_trunk:
+            if peft_config is None:
+                raise ValueError(
+                    "a LoRA value trunk (always, for a quantized 4/8-bit policy) needs peft_config (e.g. --use_peft), "
+                    "or set share_value_backbone=True."
+                )
+            from peft import get_peft_model
+
+            # Quantized weights cannot require gradients (and deepcopy keeps them quantized): the copy is frozen and
+            # learns through adapters of its own. Only the decoder is LoRA'd (the policy's target modules).
+            backbone = copy.deepcopy(musicgen).requires_grad_(False)
+            backbone = prepare_quantized_model(get_peft_model(backbone, copy.deepcopy(peft_config)))
+        elif not share_backbone:
             backbone = copy.deepcopy(musicgen)
             # Only the decoder trunk learns values; the text encoder and the codec stay as they are.
             for param in backbone.parameters():
@@ -129,6 +160,30 @@ class MusicValueModel(nn.Module):
         return self.score(hidden.to(self.score.weight.dtype)).squeeze(-1)
 
 
+def save_value_model(value_model: MusicValueModel, path: str) -> None:
+    """Checkpoint the value network (safetensors). A quantized trunk saves only what trains (adapters and head): its
+    frozen 4/8-bit weights are the starting checkpoint's, and bitsandbytes' packed tensors do not load back into a
+    module with ``load_state_dict``."""
+    if is_quantized(value_model):
+        save_file({n: p.detach().contiguous() for n, p in value_model.named_parameters() if p.requires_grad}, path)
+    else:
+        save_model(value_model, path)  # de-duplicates tied tensors (T5's shared embeddings) that save_file refuses
+
+
+def load_value_model(value_model: MusicValueModel, path: str) -> None:
+    if not is_quantized(value_model):
+        load_model(value_model, path)
+        return
+    state = load_file(path)
+    trainable = {n for n, p in value_model.named_parameters() if p.requires_grad}
+    if set(state) != trainable:
+        raise ValueError(
+            f"{path} does not match the value network (missing {sorted(trainable - set(state))[:3]}, unexpected "
+            f"{sorted(set(state) - trainable)[:3]}); resume with the model and LoRA settings the run started from."
+        )
+    value_model.load_state_dict(state, strict=False)
+
+
 class MusicPolicyAndValue(nn.Module):
     """Policy and value model behind one ``forward``, so that a single ``accelerator.prepare`` (DDP, DeepSpeed)
     wraps both and gradients synchronise. Takes the place of TRL's text-only ``PolicyAndValueWrapper``."""
@@ -151,7 +206,12 @@ class MusicPolicyAndValue(nn.Module):
         shared = self.value_model.shares_policy_backbone
         output = decoder_logits(self.policy, prompt_ids, prompt_mask, grid, guided=guided, output_hidden_states=shared)
         values = self.value_model(prompt_ids, prompt_mask, grid, policy_hidden_states=output.hidden_states)
-        return output, values
+        # Under bf16/fp16 autocast the logits and values come out in half precision; log-softmax, the KL and the
+        # losses are computed from them in float32 (accelerate's convert_outputs_to_fp32 skips this dataclass).
+        output.logits = output.logits.float()
+        if output.uncond_logits is not None:
+            output.uncond_logits = output.uncond_logits.float()
+        return output, values.float()
 
 
 @contextlib.contextmanager
@@ -162,13 +222,34 @@ def _reuse_trl_ppo_init(args: MusicPPOConfig):
     expects a causal LM with ``input_ids``."""
     kl_estimator = args.kl_estimator
     text_wrapper = trl_ppo.PolicyAndValueWrapper
+    accelerator_class = trl_ppo.Accelerator
+    prepare_deepspeed = trl_ppo.prepare_deepspeed
     args.kl_estimator = "k1"
     trl_ppo.PolicyAndValueWrapper = MusicPolicyAndValue
+    # TRL builds Accelerator() without the config's precision, so bf16=True/fp16=True were silently ignored.
+    trl_ppo.Accelerator = functools.partial(accelerator_class, mixed_precision=args.mixed_precision)
+    trl_ppo.prepare_deepspeed = functools.partial(_prepare_deepspeed_keeping_rewards_whole, prepare_deepspeed)
     try:
         yield
     finally:
         args.kl_estimator = kl_estimator
         trl_ppo.PolicyAndValueWrapper = text_wrapper
+        trl_ppo.Accelerator = accelerator_class
+        trl_ppo.prepare_deepspeed = prepare_deepspeed
+
+
+class RewardModules(nn.ModuleList):
+    """The rewards that are modules, handed to TRL as its ``reward_model`` (it moves them to the device)."""
+
+
+def _prepare_deepspeed_keeping_rewards_whole(prepare_deepspeed, model, accelerator):
+    """Under DeepSpeed TRL wraps the reference and the reward model in inference engines, sharded under ZeRO-3.
+    Rewards are called as plain functions on each rank's own batch (CLAP's ``get_audio_features``, feature
+    extractors, NumPy), not through an engine's forward in lockstep, so they stay whole on every device; the anchor
+    (a separate reference copy) is TRL's: replicated under ZeRO-1/2, sharded under ZeRO-3."""
+    if isinstance(model, RewardModules):
+        return model.to(accelerator.device)
+    return prepare_deepspeed(model, accelerator)
 
 
 class MusicProgressCallback(ProgressCallback):
@@ -249,6 +330,7 @@ class MusicPPOTrainer(CrashSafeCheckpointsMixin, PPOTrainer):
         # differ from the anchor's, the cut distributions give a code the policy may draw probability 0 under the
         # anchor, and the exact KL (and its gradient, in the loss) is infinite. Ratios use the cut distribution.
         self.kl_sampling = dataclasses.replace(self.sampling, top_k=0)
+        self._check_precision_and_quantization(args, model, ref_model, peft_config)
         for module in (model, ref_model):
             if module is not None:
                 zero_dropout(module)
@@ -259,10 +341,13 @@ class MusicPPOTrainer(CrashSafeCheckpointsMixin, PPOTrainer):
             # Seeded, so that a run (and its resumption) does not depend on what consumed the global RNG before.
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(args.seed)
-                value_model = MusicValueModel.from_policy(model, share_backbone=args.share_value_backbone)
+                value_model = MusicValueModel.from_policy(
+                    model, share_backbone=args.share_value_backbone, peft_config=peft_config,
+                    lora_trunk=args.lora_value_trunk,
+                )
 
         # TRL moves the reward model to the device and disables its dropout: give it the rewards that are modules.
-        reward_modules = nn.ModuleList([r for r in self.reward_funcs if isinstance(r, nn.Module)])
+        reward_modules = RewardModules([r for r in self.reward_funcs if isinstance(r, nn.Module)])
         with _reuse_trl_ppo_init(args):
             super().__init__(
                 args=args,
@@ -286,6 +371,11 @@ class MusicPPOTrainer(CrashSafeCheckpointsMixin, PPOTrainer):
             self.ref_model.eval().requires_grad_(False)
         self.audio_channels = unwrap_musicgen(self.policy_model).decoder.config.audio_channels
         self.reward_names = [self._reward_name(r) for r in self.reward_funcs]
+        if args.gradient_checkpointing:
+            self._enable_gradient_checkpointing()
+        # Set by Trainer.__init__ (which PPOTrainer never calls) and read by Trainer._save on every rank: without it
+        # save_model raises AttributeError on the non-main ranks of a multi-process run.
+        self.is_distributed_loading_by_transformers = False
         # The policy samples as it is trained from here on: its own generate(), the saved generation_config.json
         # and pipeline("text-to-audio") on the result (MusicGen ships guidance 3 and top-k 250).
         unwrap_musicgen(self.accelerator.unwrap_model(self.model).policy).generation_config = (
@@ -296,6 +386,47 @@ class MusicPPOTrainer(CrashSafeCheckpointsMixin, PPOTrainer):
         self._init_evaluation(args, eval_dataset)
 
     # ------------------------------------------------------------------ checks
+    @staticmethod
+    def _check_precision_and_quantization(args: MusicPPOConfig, model, ref_model, peft_config) -> None:
+        """Clear errors for precision and quantization settings this device cannot run (never a silently ignored
+        flag), and the CPU fixes bitsandbytes' 4-bit layers need (``musicrl_trl.quantization``)."""
+        from accelerate.state import AcceleratorState, PartialState
+
+        device = args.device
+        if args.mixed_precision == "fp16" and device.type == "cpu":
+            raise ValueError(
+                "fp16 mixed precision needs a GPU (PyTorch has no fp16 autocast with loss scaling on CPU, and "
+                "accelerate would silently run in float32): use bf16=True on CPU, or run on a GPU."
+            )
+        state = AcceleratorState._shared_state
+        if state.get("_mixed_precision") not in (None, args.mixed_precision) and PartialState().num_processes == 1:
+            # accelerate's precision is process-wide and fixed by the first Accelerator; a second trainer in the same
+            # process (a notebook, a test, a benchmark) that asks for another precision gets a fresh state.
+            AcceleratorState._reset_state()
+        for name, module in (("model", model), ("ref_model", ref_model)):
+            if module is None or not is_quantized(module):
+                continue
+            check_quantization_supported(device)
+            prepare_quantized_model(module)
+            if name == "model" and peft_config is None and not hasattr(module, "peft_config"):
+                raise ValueError(
+                    "the policy is quantized (4/8-bit): its quantized weights cannot be trained directly. Pass a "
+                    "peft_config (LoRA, e.g. --use_peft) to train adapters on top (QLoRA), or load it in full "
+                    "precision."
+                )
+
+    def _enable_gradient_checkpointing(self) -> None:
+        """Recompute decoder (and text-encoder) activations in the backward pass, on the policy and on a separate
+        value trunk. Rollouts run in eval mode, where checkpointing (which drops the KV cache) is off."""
+        kwargs = self.args.gradient_checkpointing_kwargs or {"use_reentrant": False}
+        wrapper = self.accelerator.unwrap_model(self.model)
+        unwrap_musicgen(wrapper.policy).gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        wrapper.is_gradient_checkpointing = True
+        if wrapper.value_model.backbone is not None:
+            unwrap_musicgen(wrapper.value_model.backbone).gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs=kwargs
+            )
+
     @staticmethod
     def _check_dataset(dataset, name: str) -> None:
         if dataset is None:
@@ -390,15 +521,37 @@ class MusicPPOTrainer(CrashSafeCheckpointsMixin, PPOTrainer):
             per_code = -log_ratio if self.args.kl_estimator == "k1" else log_ratio.exp() - 1 - log_ratio
         return codebooks.codes_to_steps(per_code, self.audio_channels)
 
+    @contextlib.contextmanager
+    def null_ref_context(self):
+        """The LoRA anchor: the policy with its adapter disabled (or ``ref_adapter_name`` active). TRL's version reads
+        ``self.model.policy``, which a DDP wrapper hides (AttributeError on every multi-process LoRA run)."""
+        policy = self.accelerator.unwrap_model(self.model).policy
+        use_adapter = bool(self.ref_adapter_name)
+        with policy.disable_adapter() if self.is_peft_model and not use_adapter else contextlib.nullcontext():
+            if use_adapter:
+                policy.set_adapter(self.ref_adapter_name)
+            try:
+                yield
+            finally:
+                if use_adapter:
+                    policy.set_adapter(self.model_adapter_name or "default")
+
     @torch.no_grad()
     def _anchor_log_dist(self, rollout: MusicRollout) -> torch.Tensor:
         guided = self.sampling.guided
+        with self.accelerator.autocast():  # the policy's precision (bf16/fp16), so that KL = 0 at the start
+            return self._anchor_log_dist_in_precision(rollout, guided)
+
+    def _anchor_log_dist_in_precision(self, rollout: MusicRollout, guided: bool) -> torch.Tensor:
         if self.ref_model is None:
             with self.null_ref_context():
                 policy = self.accelerator.unwrap_model(self.model).policy
                 output = decoder_logits(policy, rollout.prompt_ids, rollout.prompt_mask, rollout.grid, guided)
         else:
             output = decoder_logits(self.ref_model, rollout.prompt_ids, rollout.prompt_mask, rollout.grid, guided)
+        output.logits = output.logits.float()
+        if output.uncond_logits is not None:
+            output.uncond_logits = output.uncond_logits.float()
         return sampling_log_dist(output, self.kl_sampling, self.audio_channels)  # before any top-k cut
 
     @staticmethod
@@ -728,9 +881,17 @@ class MusicPPOTrainer(CrashSafeCheckpointsMixin, PPOTrainer):
         ``PeftModel.from_pretrained``, and (``save_merged_lora``) merged full weights to ``<output_dir>/merged``
         for ``MusicgenForConditionalGeneration.from_pretrained`` and ``pipeline("text-to-audio")``."""
         output_dir = output_dir or self.args.output_dir
-        # Internal: Trainer.save_model would push from inside PPOTrainer.save_model, while self.model is swapped for
-        # the bare policy and before the merged weights exist; the push comes last instead.
-        super().save_model(output_dir, _internal_call=True)
+        wrapped = self.model
+        if isinstance(wrapped, nn.parallel.DistributedDataParallel):
+            # TRL saves `self.model.policy`, which a DDP wrapper hides: it would save policy, value network and
+            # their tied T5 embeddings as one state dict (refused by safetensors) instead of the policy alone.
+            self.model = wrapped.module
+        try:
+            # Internal: Trainer.save_model would push from inside PPOTrainer.save_model, while self.model is swapped
+            # for the bare policy and before the merged weights exist; the push comes last instead.
+            super().save_model(output_dir, _internal_call=True)
+        finally:
+            self.model = wrapped
         if not self.args.should_save:
             return
         # Written beside the adapter too: PeftModel ignores it, but it documents how the adapter was trained.
@@ -760,7 +921,7 @@ class MusicPPOTrainer(CrashSafeCheckpointsMixin, PPOTrainer):
         if self.args.should_save:
             # save_model de-duplicates tied tensors (T5's shared embeddings) that save_file refuses.
             value_model = self.accelerator.unwrap_model(self.model).value_model
-            save_model(value_model, os.path.join(checkpoint_dir, VALUE_WEIGHTS_NAME))
+            save_value_model(value_model, os.path.join(checkpoint_dir, VALUE_WEIGHTS_NAME))
             hub.copy_card_files(self.args.output_dir, checkpoint_dir)  # written by create_model_card above
 
     def _resume(self, checkpoint: str | bool) -> None:
@@ -784,7 +945,7 @@ class MusicPPOTrainer(CrashSafeCheckpointsMixin, PPOTrainer):
                     f"checkpoint {checkpoint} does not match the policy (missing {missing[:3]}, unexpected "
                     f"{unexpected[:3]}); resume with the model the run started from."
                 )
-        load_model(unwrapped.value_model, os.path.join(checkpoint, VALUE_WEIGHTS_NAME))
+        load_value_model(unwrapped.value_model, os.path.join(checkpoint, VALUE_WEIGHTS_NAME))
         # Trainer._load_optimizer_and_scheduler needs Trainer state PPOTrainer never sets; the files are the same.
         # weights_only=True: tensors and plain containers only, no arbitrary pickles.
         optimizer_state = torch.load(os.path.join(checkpoint, "optimizer.pt"), map_location="cpu", weights_only=True)

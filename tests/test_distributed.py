@@ -1,0 +1,136 @@
+"""Two real CPU processes (gloo) under torchrun: the trainer alone and examples/ppo_musicrl.py both finish, keep
+identical weights on both ranks, sample different prompts with different seeds per rank, gather metrics and save
+one model.
+
+The launch line is the one documented in examples/accelerate_configs/multi_cpu.yaml: `accelerate launch
+--num_processes 2 --cpu` starts a single process, `ACCELERATE_USE_CPU=true torchrun --nproc_per_node 2` starts two.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+RECORDER = ROOT / "tests" / "scripts" / "record_ranks.py"
+
+pytestmark = pytest.mark.slow
+
+
+def launch_two_ranks(tmp_path):
+    """One torchrun launch of two CPU ranks that runs the trainer job, then the example job."""
+    example_args = [
+        "--total_episodes",
+        "16",
+        "--per_device_train_batch_size",
+        "4",
+        "--response_length",
+        "8",
+        "--output_dir",
+        tmp_path / "example",
+        "--report_to",
+        "none",
+    ]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(RECORDER),
+        str(tmp_path),
+        str(tmp_path / "trainer"),
+        *map(str, example_args),
+    ]
+    env = {
+        **os.environ,
+        "ACCELERATE_USE_CPU": "true",
+        "OMP_NUM_THREADS": "1",
+        "HF_HUB_OFFLINE": "1",
+        "CUDA_VISIBLE_DEVICES": "",
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    }
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, stdin=subprocess.DEVNULL)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return tmp_path, result
+
+
+def records(run_dir, job):
+    return [json.loads((run_dir / f"{job}-rank{rank}.json").read_text()) for rank in (0, 1)]
+
+
+def check_ranks(records, updates, distinct_prompts):
+    rank0, rank1 = records
+    assert rank0["num_processes"] == rank1["num_processes"] == 2
+    assert rank0["distributed_type"] == "DistributedType.MULTI_CPU"
+    assert rank0["weights_sha256"] == rank1["weights_sha256"]  # gradients all-reduced: identical weights
+    assert len(rank0["prompts"]) == len(rank1["prompts"]) == updates
+    for prompts0, prompts1 in zip(rank0["prompts"], rank1["prompts"]):
+        assert prompts0 != prompts1  # each rank its own share of the batch
+        if distinct_prompts:
+            assert not set(prompts0) & set(prompts1)
+    assert rank0["seed"] != rank1["seed"]  # and its own sampling seed
+    assert rank0["scores"] == rank1["scores"]  # metrics are gathered over both ranks before logging
+
+
+def saved_weights(output_dir):
+    return sorted(p.relative_to(output_dir).as_posix() for p in Path(output_dir).rglob("*.safetensors"))
+
+
+def test_trainer_and_example_on_two_cpu_processes(tmp_path):
+    # One test, not two sharing a fixture: under pytest-xdist a shared module fixture would launch once per worker.
+    run_dir, result = launch_two_ranks(tmp_path)
+    check_ranks(records(run_dir, "trainer"), updates=2, distinct_prompts=True)
+    assert saved_weights(run_dir / "trainer") == ["adapter_model.safetensors", "merged/model.safetensors"]
+    # The demo's prompt list repeats its 8 prompts, so ranks may draw equal texts from different rows.
+    check_ranks(records(run_dir, "example"), updates=2, distinct_prompts=False)
+    assert saved_weights(run_dir / "example") == ["model.safetensors"]  # saved once, by rank 0
+    assert result.stdout.count("mean reward, last") == 1  # the summary is printed by the main process only
+
+
+CONFIGS = ROOT / "examples" / "accelerate_configs"
+
+
+@pytest.mark.parametrize(
+    "name, distributed_type",
+    [
+        ("multi_cpu", "MULTI_CPU"),
+        ("single_gpu", "NO"),
+        ("multi_gpu", "MULTI_GPU"),
+        ("deepspeed_zero2", "DEEPSPEED"),
+        ("deepspeed_zero3", "DEEPSPEED"),
+        ("fsdp", "FSDP"),
+    ],
+)
+def test_accelerate_configs_load_and_say_when_to_use_them(name, distributed_type):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    path = CONFIGS / f"{name}.yaml"
+    config = load_config_from_file(str(path))
+    assert config.distributed_type == distributed_type
+    comments = [line for line in path.read_text().splitlines() if line.startswith("#")]
+    assert len(comments) >= 4  # when to use it, and how to launch it
+    assert any("launch" in line or "torchrun" in line for line in comments)
+
+
+def test_under_deepspeed_rewards_stay_whole_and_the_anchor_goes_to_trl(monkeypatch):
+    # DeepSpeed is not installed here: TRL's prepare_deepspeed is replaced by a recorder. What is tested is which
+    # modules MusicPPOTrainer hands to it (the anchor) and which it keeps whole on the device (the rewards).
+    import torch
+    import trl.experimental.ppo.ppo_trainer as trl_ppo
+    from accelerate import Accelerator
+
+    from musicrl_trl.trainers import MusicPPOConfig
+    from musicrl_trl.trainers.ppo_trainer import RewardModules, _reuse_trl_ppo_init
+
+    handed_to_deepspeed = []
+    monkeypatch.setattr(trl_ppo, "prepare_deepspeed", lambda model, accelerator: handed_to_deepspeed.append(model))
+    rewards, anchor = RewardModules([torch.nn.Linear(2, 1)]), torch.nn.Linear(2, 2)
+    with _reuse_trl_ppo_init(MusicPPOConfig(output_dir="unused", report_to=[])):
+        placed = trl_ppo.prepare_deepspeed(rewards, Accelerator(cpu=True))
+        trl_ppo.prepare_deepspeed(anchor, None)
+    assert placed is rewards and handed_to_deepspeed == [anchor]
