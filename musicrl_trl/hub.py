@@ -584,9 +584,7 @@ def render_policy_card(
         "rewards": rewards,
         "kl_coef": _format(float(args.kl_coef)),
         "kl_estimator": args.kl_estimator,
-        # `kl_penalty` ("loss" | "reward") is being added to MusicPPOConfig by the learning-objective issue; until
-        # then the KL is a per-step reward penalty.
-        "kl_penalty": getattr(args, "kl_penalty", "reward"),
+        "kl_penalty": args.kl_penalty,
         "steps": trainer.state.global_step,
         "episodes": trainer.state.global_step * args.batch_size,
         "clip_seconds": _clip_seconds(trainer),
