@@ -42,6 +42,7 @@ from transformers import GenerationConfig, MusicgenForConditionalGeneration, Mus
 from transformers.trainer_callback import ProgressCallback
 from trl.experimental.ppo import PPOTrainer
 from trl.experimental.ppo.ppo_trainer import masked_mean, masked_whiten
+from trl.models.utils import unwrap_model_for_generation
 
 from .. import codebooks, hub
 from ..loading import load_pretrained
@@ -615,13 +616,14 @@ class MusicPPOTrainer(CrashSafeCheckpointsMixin, PPOTrainer):
             self.state.episode += args.batch_size
             prompts = self._prompt_batch(update)
 
-            # 1. rollout
-            unwrapped = accelerator.unwrap_model(model)
+            # 1. rollout (TRL's unwrap gathers ZeRO-3-sharded weights for the length of the sampling loop)
             tic = time.perf_counter()
-            rollout = generate_rollout(
-                unwrapped.policy, self.processing_class, prompts, num_steps=args.response_length,
-                sampling=self.sampling, max_prompt_length=args.max_prompt_length, backend=args.rollout_backend,
-            )
+            with unwrap_model_for_generation(model, accelerator) as unwrapped:
+                rollout = generate_rollout(
+                    unwrapped.policy, self.processing_class, prompts, num_steps=args.response_length,
+                    sampling=self.sampling, max_prompt_length=args.max_prompt_length, backend=args.rollout_backend,
+                )
+            unwrapped = accelerator.unwrap_model(model)
             timing = {"rollout": time.perf_counter() - tic}
             # 2. rewards
             tic = time.perf_counter()
