@@ -116,7 +116,9 @@ def test_quantized_lora_trains_with_the_default_value_network_and_saves_an_adapt
     # None: a full-precision policy that asks for the same LoRA value trunk (lora_value_trunk=True).
     model, processor = quantized_tiny_musicgen(bits) if bits else tiny_musicgen()
     lora = LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS)
-    args = make_config(tmp_path, save_merged_lora=False, lora_value_trunk=None if bits else True)
+    # Three updates: the value head starts at zero and LoRA's B matrices too, so the value trunk's B adapters get a
+    # gradient from the second update on and its A adapters from the third.
+    args = make_config(tmp_path, save_merged_lora=False, lora_value_trunk=None if bits else True, total_episodes=12)
     assert not args.share_value_backbone  # the default: a separate value network
     trainer = MusicPPOTrainer(
         args,
@@ -134,7 +136,7 @@ def test_quantized_lora_trains_with_the_default_value_network_and_saves_an_adapt
     assert any(n.startswith("value_model.backbone") for n in trainable)
     trainer.train()
     logs = [entry for entry in trainer.state.log_history if "loss/value_avg" in entry]
-    assert len(logs) == 2 and all(torch.isfinite(torch.tensor(entry["loss/value_avg"])) for entry in logs)
+    assert len(logs) == 3 and all(torch.isfinite(torch.tensor(entry["loss/value_avg"])) for entry in logs)
     # The rollout's log-probs match the training forward's: exactly in 4-bit (dequantize, then a float32 matmul),
     # to int8 precision in 8-bit (LLM.int8 casts activations to float16).
     assert logs[0]["policy/first_ratio_max_error"] < (1e-2 if bits == 8 else 1e-4)
