@@ -380,16 +380,15 @@ def test_reward_trainer_failed_save_leaves_no_checkpoint_folder(tmp_path):
 
 # ---------------------------------------------------------------------------------------------- two processes
 @pytest.mark.slow
-def test_two_processes_only_the_main_one_publishes_and_the_other_waits_for_the_rename(tmp_path):
-    # AudioRewardTrainer: MusicPPOTrainer's checkpoint saves under DDP also need the DDP-safe save_model and model
-    # card of issues 9 and 10 (TRL's card reads self.model.config); the publishing code is the same mixin.
+@pytest.mark.parametrize("trainer_kind", ["ppo", "reward"])
+def test_two_processes_only_the_main_one_publishes_and_the_other_waits_for_the_rename(tmp_path, trainer_kind):
     output_dir = tmp_path / "run"
     env = dict(os.environ, OMP_NUM_THREADS="1", TRL_EXPERIMENTAL_SILENCE="1", HF_HUB_OFFLINE="1")
     env.update(ACCELERATE_USE_CPU="true", PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]))
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(SCRIPT), str(output_dir),
-        "--reward", "--updates", "2", "--save-delay", "0.2", "--record-saves",
-    ]  # fmt: skip
+        "--updates", "2", "--save-delay", "0.2", "--record-saves",
+    ] + (["--reward"] if trainer_kind == "reward" else [])  # fmt: skip
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     for rank in (0, 1):
@@ -398,5 +397,8 @@ def test_two_processes_only_the_main_one_publishes_and_the_other_waits_for_the_r
         assert seen == [{"step": 1, "problems": []}, {"step": 2, "problems": []}], (rank, seen)
     for step in (1, 2):
         files = os.listdir(output_dir / f"checkpoint-{step}")
-        assert {"rng_state_0.pth", "rng_state_1.pth", "model.safetensors", "optimizer.pt"} <= set(files)
+        expected = {"rng_state_0.pth", "rng_state_1.pth", "model.safetensors", "optimizer.pt"}
+        if trainer_kind == "ppo":
+            expected |= {"value_model.safetensors", "trainer_state.json"}
+        assert expected <= set(files)
     assert _staging(output_dir) == []
