@@ -207,11 +207,9 @@ class MusicPolicyAndValue(nn.Module):
         shared = self.value_model.shares_policy_backbone
         output = decoder_logits(self.policy, prompt_ids, prompt_mask, grid, guided=guided, output_hidden_states=shared)
         values = self.value_model(prompt_ids, prompt_mask, grid, policy_hidden_states=output.hidden_states)
-        # Under bf16/fp16 autocast the logits and values come out in half precision; log-softmax, the KL and the
-        # losses are computed from them in float32 (accelerate's convert_outputs_to_fp32 skips this dataclass).
-        output.logits = output.logits.float()
-        if output.uncond_logits is not None:
-            output.uncond_logits = output.uncond_logits.float()
+        # Under bf16/fp16 autocast the values come out in half precision; the value loss is computed in float32
+        # (accelerate's convert_outputs_to_fp32 skips this dataclass). Logits need nothing: the sampling transform
+        # (codebooks.sampling_logits) computes in at least float32.
         return output, values.float()
 
 
@@ -541,19 +539,13 @@ class MusicPPOTrainer(CrashSafeCheckpointsMixin, PPOTrainer):
     def _anchor_log_dist(self, rollout: MusicRollout) -> torch.Tensor:
         guided = self.sampling.guided
         with self.accelerator.autocast():  # the policy's precision (bf16/fp16), so that KL = 0 at the start
-            return self._anchor_log_dist_in_precision(rollout, guided)
-
-    def _anchor_log_dist_in_precision(self, rollout: MusicRollout, guided: bool) -> torch.Tensor:
-        if self.ref_model is None:
-            with self.null_ref_context():
-                policy = self.accelerator.unwrap_model(self.model).policy
-                output = decoder_logits(policy, rollout.prompt_ids, rollout.prompt_mask, rollout.grid, guided)
-        else:
-            output = decoder_logits(self.ref_model, rollout.prompt_ids, rollout.prompt_mask, rollout.grid, guided)
-        output.logits = output.logits.float()
-        if output.uncond_logits is not None:
-            output.uncond_logits = output.uncond_logits.float()
-        return sampling_log_dist(output, self.kl_sampling, self.audio_channels)  # before any top-k cut
+            if self.ref_model is None:
+                with self.null_ref_context():
+                    policy = self.accelerator.unwrap_model(self.model).policy
+                    output = decoder_logits(policy, rollout.prompt_ids, rollout.prompt_mask, rollout.grid, guided)
+            else:
+                output = decoder_logits(self.ref_model, rollout.prompt_ids, rollout.prompt_mask, rollout.grid, guided)
+        return sampling_log_dist(output, self.kl_sampling, self.audio_channels)  # before any top-k cut; float32
 
     @staticmethod
     def _advantages(rewards, values, gamma: float, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
