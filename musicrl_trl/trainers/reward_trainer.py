@@ -904,10 +904,9 @@ class AudioRewardTrainer(CrashSafeCheckpointsMixin, Trainer):
             revision=revision or self.args.hub_revision, run_as_future=not blocking,
         )
 
-    def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
-        super()._save_checkpoint(model, trial)
-        checkpoint_dir = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
-        if os.path.isdir(checkpoint_dir):
+    def _save_checkpoint_extras(self, checkpoint_dir: str) -> None:
+        # The card goes into the staged folder, so that a published checkpoint-N carries it (see checkpointing.py).
+        if self.args.should_save:
             self.create_model_card(output_dir=checkpoint_dir)
 
     def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
