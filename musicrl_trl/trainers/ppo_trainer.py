@@ -504,10 +504,10 @@ class MusicPPOTrainer(CrashSafeCheckpointsMixin, PPOTrainer):
         log_dist = sampling_log_dist(output, self.sampling, self.audio_channels)
         return log_dist, codebooks.gather_logprobs(log_dist, codes)
 
-    def _kl_log_dist(self, output, log_dist: torch.Tensor) -> torch.Tensor:
-        """The policy's distribution [B, K, T, V] that the KL compares with the anchor's: ``log_dist`` (the
-        sampling distribution) itself without top-k, else the same decoder outputs without the top-k cut."""
-        if not self.sampling.top_k:
+    def _kl_log_dist(self, output, log_dist: torch.Tensor | None = None) -> torch.Tensor:
+        """The policy's distribution [B, K, T, V] that the KL compares with the anchor's: the sampling distribution
+        before any top-k cut. Without top-k that is ``log_dist`` (the sampling distribution), when already computed."""
+        if log_dist is not None and not self.sampling.top_k:
             return log_dist
         return sampling_log_dist(output, self.kl_sampling, self.audio_channels)
 
@@ -635,7 +635,7 @@ class MusicPPOTrainer(CrashSafeCheckpointsMixin, PPOTrainer):
                     output, values = unwrapped(
                         rollout.prompt_ids, rollout.prompt_mask, rollout.grid, self.sampling.guided
                     )
-                    kl_log_dist = self._kl_log_dist(output, self._code_logprobs(output, rollout.codes)[0])
+                    kl_log_dist = self._kl_log_dist(output)
                     kl_logprobs = codebooks.gather_logprobs(kl_log_dist, rollout.codes)
                     kl = self._step_kl(kl_log_dist, ref_log_dist, kl_logprobs, ref_logprobs)  # [B, A]
                     del output, kl_log_dist
@@ -818,7 +818,7 @@ class MusicPPOTrainer(CrashSafeCheckpointsMixin, PPOTrainer):
                 output = decoder_logits(
                     policy, rollout.prompt_ids, rollout.prompt_mask, rollout.grid, self.sampling.guided
                 )
-                log_dist = self._kl_log_dist(output, self._code_logprobs(output, rollout.codes)[0])
+                log_dist = self._kl_log_dist(output)
                 kl = codebooks.full_kl(log_dist, ref_log_dist).sum(dim=(1, 2))  # [M] nats per clip
                 del output, log_dist, ref_log_dist
                 spread = diversity(embedding(rollout.audio, rollout.sampling_rate).cpu(), embedding.metric,
