@@ -22,7 +22,7 @@ from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria,
 from transformers.modeling_outputs import BaseModelOutput
 
 from . import codebooks
-from .sampler import ROLLOUT_BACKENDS, static_cache_sampler
+from .sampler import ROLLOUT_BACKENDS, EvalMode, static_cache_sampler
 
 __all__ = [
     "SamplingConfig",
@@ -271,9 +271,7 @@ def generate_rollout(
     recorder = _RecordSampledCodes(stash, sampling)
     # Sampling runs in eval mode: with gradient checkpointing on, train-mode decoder layers drop the KV cache
     # (transformers' GradientCheckpointingLayer), which would make generate attend to the last token only.
-    modes = [(module, module.training) for module in model.modules()]
-    model.eval()
-    try:
+    with EvalMode(model):
         audio = model.generate(
             input_ids=prompt_ids,
             attention_mask=prompt_mask,
@@ -290,9 +288,6 @@ def generate_rollout(
             logits_processor=LogitsProcessorList([stash]),
             stopping_criteria=StoppingCriteriaList([recorder]),
         )
-    finally:
-        for module, training in modes:
-            module.training = training
 
     # generate may run its stopping check one step late and undo it; keep exactly num_steps steps.
     grid_length = num_steps + 1

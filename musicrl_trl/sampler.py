@@ -185,7 +185,7 @@ def _sampling_step(
     step_entropies.index_copy_(2, position, entropies.view(batch, num_codebooks, 1))
 
 
-class _EvalMode:
+class EvalMode:
     """Run a module tree in eval mode (no dropout while sampling) and restore every module's flag afterwards."""
 
     def __init__(self, module: nn.Module):
@@ -334,7 +334,7 @@ class StaticCacheSampler:
         if not dtype.is_floating_point:  # quantized weights keep a packed dtype; take the compute dtype
             dtype = next(p.dtype for p in musicgen.decoder.parameters() if p.is_floating_point())
 
-        with _EvalMode(musicgen):
+        with EvalMode(musicgen):
             states, mask = self._encoder_states(prompt_ids, prompt_mask, guided)
             cross_keys, cross_values, cross_mask = self._cross_cache(states, mask)
             buffers = self._buffers_for(batch, 2 * batch if guided else batch, num_steps, dtype, device)
