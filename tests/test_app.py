@@ -26,13 +26,7 @@ from musicrl_trl.app.pool import load_pool  # noqa: E402
 from musicrl_trl.app.server import create_app  # noqa: E402
 from musicrl_trl.app.store import Store  # noqa: E402
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class App:

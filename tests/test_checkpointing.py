@@ -43,13 +43,7 @@ def _load_script():
 crash_run = _load_script()
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # The subprocess runs use one thread; in-process reference runs must do the same arithmetic.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---------------------------------------------------------------------------------------------- helpers

@@ -28,14 +28,7 @@ from musicrl_trl.trainers.reward_trainer import AudioRewardTrainer
 PROMPTS = ["calm piano", "loud drums and a distorted bass line"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny models: splitting their ops across threads only adds OpenMP synchronisation, which on a shared 2-core
-    # machine made training 5-40x slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
