@@ -52,6 +52,7 @@ from musicrl_trl.cli import (
     resolve_resume,
     write_run_config,
 )
+from musicrl_trl.distributed import end_distributed_run
 from musicrl_trl.loading import ModelLoadingError, load_pretrained
 from musicrl_trl.lora import MUSICGEN_LORA_TARGET_MODULES
 from musicrl_trl.quantization import musicgen_quantization_config
@@ -326,3 +327,4 @@ def main():
 
 if __name__ == "__main__":
     main()
+    end_distributed_run()  # after main's trainer is gone: see musicrl_trl/distributed.py

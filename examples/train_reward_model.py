@@ -62,6 +62,7 @@ from transformers import AutoConfig, PreTrainedModel
 from trl import TrlParser
 
 from musicrl_trl import AudioRewardConfig, AudioRewardTrainer, MusicRewardConfig, MusicRewardModel
+from musicrl_trl.distributed import end_distributed_run
 from musicrl_trl.loading import ModelLoadingError, is_local_path, resolve_pretrained
 from musicrl_trl.trainers.reward_trainer import SOURCE_ROW_COLUMN
 
@@ -349,3 +350,4 @@ if __name__ == "__main__":
         main(script_args, training_args)
     except (ModelLoadingError, FileNotFoundError, ValueError) as error:  # messages that say what to fix
         sys.exit(f"error: {error}")
+    end_distributed_run()  # after main's trainer is gone: see musicrl_trl/distributed.py

@@ -20,6 +20,7 @@ import torch
 from datasets import Dataset
 from transformers import TrainerCallback
 
+from musicrl_trl.distributed import end_distributed_run
 from musicrl_trl.reward_models import MusicRewardConfig, MusicRewardModel
 from musicrl_trl.testing import tiny_musicgen
 from musicrl_trl.trainers import AudioRewardConfig, AudioRewardTrainer, MusicPPOConfig, MusicPPOTrainer
@@ -152,3 +153,4 @@ def run(trainer, options, extra_files: list[str], metric: str):
 if __name__ == "__main__":
     torch.set_num_threads(1)
     main()
+    end_distributed_run()  # main's trainer is already unreferenced here

@@ -380,8 +380,8 @@ def test_two_processes_only_the_main_one_publishes_and_the_other_waits_for_the_r
     env = dict(os.environ, OMP_NUM_THREADS="1", TRL_EXPERIMENTAL_SILENCE="1", HF_HUB_OFFLINE="1")
     env.update(ACCELERATE_USE_CPU="true", PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]))
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(SCRIPT), str(output_dir),
-        "--updates", "2", "--save-delay", "0.2", "--record-saves",
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+        str(SCRIPT), str(output_dir), "--updates", "2", "--save-delay", "0.2", "--record-saves",
     ] + (["--reward"] if trainer_kind == "reward" else [])  # fmt: skip
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
