@@ -84,6 +84,9 @@ def parse_args(argv=None):
     parser.add_argument("--resume", nargs="?", const=True, default=None, help="a checkpoint path; alone: True")
     parser.add_argument("--record-saves", action="store_true")
     parser.add_argument("--reward", action="store_true", help="train a tiny reward model instead")
+    parser.add_argument(
+        "--load-best", action="store_true", help="--reward: evaluate every step, load the best model at the end"
+    )
     return parser.parse_args(argv)
 
 
@@ -106,9 +109,16 @@ def reward_trainer(options) -> SlowSavingRewardTrainer:
         report_to="none",
         disable_tqdm=True,
         seed=0,
+        **(
+            dict(eval_strategy="steps", eval_steps=1, load_best_model_at_end=True, metric_for_best_model="loss")
+            if options.load_best
+            else {}
+        ),
     )
     dataset = Dataset.from_dict({"audio": clips, "mos": [1.0 + (i % 5) for i in range(16)]})
-    return SlowSavingRewardTrainer(model=model, args=args, train_dataset=dataset)
+    return SlowSavingRewardTrainer(
+        model=model, args=args, train_dataset=dataset, eval_dataset=dataset if options.load_best else None
+    )
 
 
 def main(argv=None, trainer_class: type[SlowSavingTrainer] = SlowSavingTrainer) -> MusicPPOTrainer:
@@ -143,6 +153,14 @@ def run(trainer, options, extra_files: list[str], metric: str):
     if options.record_saves:
         trainer.add_callback(RecordSaves(options.output_dir, trainer.accelerator.process_index, extra_files))
     trainer.train(resume_from_checkpoint=options.resume)
+    if options.load_best:  # what every rank ended with: the best checkpoint's path, and its own final weights
+        weights = trainer.accelerator.unwrap_model(trainer.model).state_dict()
+        record = {
+            "best_model_checkpoint": trainer.state.best_model_checkpoint,
+            "weights": {name: tensor.tolist() for name, tensor in weights.items()},
+        }
+        with open(os.path.join(options.output_dir, f"best_rank{trainer.accelerator.process_index}.json"), "w") as f:
+            json.dump(record, f)
     if trainer.accelerator.is_main_process:
         logs = [entry for entry in trainer.state.log_history if metric in entry]
         with open(os.path.join(options.output_dir, "final_log.json"), "w") as f:

@@ -382,7 +382,7 @@ def test_two_processes_only_the_main_one_publishes_and_the_other_waits_for_the_r
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
         str(SCRIPT), str(output_dir), "--updates", "2", "--save-delay", "0.2", "--record-saves",
-    ] + (["--reward"] if trainer_kind == "reward" else [])  # fmt: skip
+    ] + (["--reward", "--load-best"] if trainer_kind == "reward" else [])  # fmt: skip
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     for rank in (0, 1):
@@ -396,3 +396,14 @@ def test_two_processes_only_the_main_one_publishes_and_the_other_waits_for_the_r
             expected |= {"value_model.safetensors", "trainer_state.json"}
         assert expected <= set(files)
     assert _staging(output_dir) == []
+    if trainer_kind == "reward":
+        # load_best_model_at_end: every rank knows the best checkpoint by its published path, and loaded it.
+        best = [json.loads((output_dir / f"best_rank{rank}.json").read_text()) for rank in (0, 1)]
+        path = best[0]["best_model_checkpoint"]
+        assert [record["best_model_checkpoint"] for record in best] == [path, path]
+        assert os.path.dirname(path) == str(output_dir) and os.path.isdir(path), path
+        saved = load_file(os.path.join(path, "model.safetensors"))
+        for record in best:
+            assert set(saved) <= set(record["weights"])
+            for name, tensor in saved.items():
+                torch.testing.assert_close(torch.tensor(record["weights"][name]), tensor.float(), msg=name)

@@ -232,21 +232,31 @@ def _fsync_dir(path: str) -> None:
 def _remove(path: str) -> None:
     """Delete a folder so that no half-deleted ``checkpoint-N`` is ever visible: rename it to a staging name
     (atomic), then delete that. A crash in between leaves a ``_tmp-`` folder, removed at the next start."""
+    doomed = _move_aside(path)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+def _move_aside(path: str) -> str:
+    """Rename ``path`` to ``_tmp-<name>.deleted`` beside it (a name the next start cleans up); returns the new path."""
     doomed = os.path.join(os.path.dirname(path), f"_tmp-{os.path.basename(path)}.deleted")
     shutil.rmtree(doomed, ignore_errors=True)
     os.rename(path, doomed)
-    shutil.rmtree(doomed, ignore_errors=True)
+    return doomed
 
 
 def publish_checkpoint(staged_dir: str, final_dir: str) -> None:
     """Flush ``staged_dir`` and rename it to ``final_dir`` (replacing an existing folder of that name)."""
     _fsync_tree(staged_dir)
+    replaced = None
     if os.path.exists(final_dir):
         # A folder of this step exists when a run resumed from an earlier step, or one from an older version was
-        # left incomplete. rename() cannot replace a non-empty folder: move the old one out of the way first.
-        _remove(final_dir)
+        # left incomplete. rename() cannot replace a non-empty folder: move the old one aside (atomic), publish the
+        # new one, and only then delete the old one, so that checkpoint-N is missing for two renames at most.
+        replaced = _move_aside(final_dir)
     os.rename(staged_dir, final_dir)
     _fsync_dir(os.path.dirname(final_dir))
+    if replaced is not None:
+        shutil.rmtree(replaced, ignore_errors=True)
 
 
 def remove_stale_staging(output_dir: str) -> list[str]:
@@ -329,10 +339,15 @@ class CrashSafeCheckpointsMixin:
         return super()._get_output_dir(trial)
 
     def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
-        # Hub uploads run in the background and would read a folder that is about to be renamed: push the
-        # published folder instead (``_save_checkpoint`` calls this again after the rename).
+        # Trainer._save_checkpoint calls this with the staged folder, which is about to be renamed (and PPO's value
+        # model and card copy are not in it yet): skip that call and push the published folder once, after the
+        # rename. Subclasses customise the upload in _push_published_checkpoint, so that this guard stays first.
         if self._checkpoint_staging_dir is None:
-            super()._push_from_checkpoint(checkpoint_folder)
+            self._push_published_checkpoint(checkpoint_folder)
+
+    def _push_published_checkpoint(self, checkpoint_folder: str) -> None:
+        """Upload the published ``checkpoint_folder`` to the Hub (default: ``Trainer``'s own push)."""
+        super()._push_from_checkpoint(checkpoint_folder)
 
     @contextmanager
     def _staging(self, staging_dir: str):
@@ -355,10 +370,13 @@ class CrashSafeCheckpointsMixin:
             with self._staging(staging_dir):
                 super()._save_checkpoint(model, trial)
             self._save_checkpoint_extras(staged)
-            if writer and self.state.best_model_checkpoint and self.state.best_model_checkpoint.startswith(staged):
-                # Trainer recorded the best checkpoint under its staging path: record where it will live.
-                self.state.best_model_checkpoint = final + self.state.best_model_checkpoint[len(staged) :]
-                self.state.save_to_json(os.path.join(staged, TRAINER_STATE_NAME))
+            best = self.state.best_model_checkpoint
+            if best and best.startswith(staged):
+                # Trainer recorded the best checkpoint under its staging path: record where it will live, on every
+                # process (each loads the best model at the end), in the state file on the writer only.
+                self.state.best_model_checkpoint = final + best[len(staged) :]
+                if writer:
+                    self.state.save_to_json(os.path.join(staged, TRAINER_STATE_NAME))
             self.accelerator.wait_for_everyone()  # every process has written its files (e.g. rng_state_<rank>.pth)
             if writer:
                 publish_checkpoint(staged, final)
@@ -373,5 +391,5 @@ class CrashSafeCheckpointsMixin:
                 run_dir, self.args.save_total_limit, keep=(final, self.state.best_model_checkpoint), **requirements
             )
             if self.args.push_to_hub:
-                self._push_from_checkpoint(final)
+                self._push_published_checkpoint(final)
         self.accelerator.wait_for_everyone()  # nobody goes on before checkpoint-N exists

@@ -909,8 +909,8 @@ class AudioRewardTrainer(CrashSafeCheckpointsMixin, Trainer):
         if self.args.should_save:
             self.create_model_card(output_dir=checkpoint_dir)
 
-    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
-        """Push a checkpoint's weights and card, blocking and safetensors-only (``Trainer``'s version uploads
+    def _push_published_checkpoint(self, checkpoint_folder: str) -> None:
+        """Push a published checkpoint's weights and card, blocking and safetensors-only (``Trainer``'s version uploads
         ``training_args.bin``, and with ``hub_strategy="checkpoint"`` the optimizer and RNG pickles)."""
         if not self.is_world_process_zero() or self.args.hub_strategy == "end":
             return
