@@ -34,7 +34,7 @@ from musicrl_trl.trainers import MusicPPOConfig, MusicPPOTrainer
 from musicrl_trl.trainers.ppo_trainer import VALUE_WEIGHTS_NAME
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_rollout import musicgen_small_architecture  # noqa: E402
+from bench_rollout import build_architecture  # noqa: E402
 
 
 def mid_architecture():
@@ -70,7 +70,7 @@ def main():
     parser.add_argument("--dir", default=None, help="where to write (default: a temporary folder)")
     options = parser.parse_args()
 
-    model, processor = {"tiny": tiny_musicgen, "mid": mid_architecture, "small": musicgen_small_architecture}[
+    model, processor = {"tiny": tiny_musicgen, "mid": mid_architecture, "small": lambda: build_architecture("small")}[
         options.architecture
     ]()
     root = tempfile.mkdtemp(dir=options.dir, prefix="bench-checkpoint-")

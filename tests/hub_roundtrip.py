@@ -127,7 +127,9 @@ def publish(out: str) -> None:
         save_strategy="steps",
         save_steps=1,
     )
+    marker("adapter-train-begin")
     trainer.train()
+    marker("adapter-train-end")
     trainer.push_to_hub()
     policy = trainer.accelerator.unwrap_model(trainer.model).policy
     references.update({f"adapter/{k}": v for k, v in policy_outputs(policy, trainer.processing_class).items()})
@@ -153,7 +155,9 @@ def publish(out: str) -> None:
         disable_tqdm=True,
     )
     reward_trainer = AudioRewardTrainer(MOS_REPO, reward_args, train_dataset=ratings, eval_dataset=ratings)
+    marker("reward-train-begin")
     reward_trainer.train()
+    marker("reward-train-end")
     reward_trainer.evaluate()  # evaluation numbers for the card
     reward_trainer.push_to_hub(dataset_name=f"{ORG}/music-ratings")
     model = reward_trainer.accelerator.unwrap_model(reward_trainer.model).eval()

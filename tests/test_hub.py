@@ -237,6 +237,10 @@ def published(hub_server, tmp_path_factory):
             BOTH_REPO,
             "--push_lora",
             "both",
+            "--save_strategy",
+            "steps",
+            "--save_steps",
+            "1",
             "--hub_token",
             TOKEN,
             "--hub_sample_prompts",
@@ -387,9 +391,31 @@ def test_second_push_of_an_unchanged_model_uploads_nothing(published):
         second_push = requests[begin + 1 : end]
         assert any(method == "POST" and path.endswith("/preupload/main") for method, path in second_push)
         assert not [request for request in second_push if request[0] == "PUT" or "/commit/" in request[1]]
-    # The example saved and then pushed again: one commit from its save_model, none from the unchanged push.
+    # The example pushed its one checkpoint, then saved (a push of the same files: at most one commit, for a file
+    # that differs from the checkpoint's) and pushed again (unchanged: no commit).
     titles = [title for _, _, title in published.server.repos[("model", BOTH_REPO)].commits]
-    assert titles == ["initial commit", "Model save"]
+    assert titles[:2] == ["initial commit", "Training in progress, step 1"] and titles[2:] in ([], ["Model save"])
+
+
+@pytest.mark.slow
+def test_every_checkpoint_is_pushed_once_from_its_published_folder(published):
+    requests = published.server.requests
+    for name, repo_id, folder in (("adapter", ADAPTER_REPO, "adapter"), ("reward", REWARD_REPO, "reward")):
+        begin = requests.index(("GET", f"/api/models/_marker/{name}-train-begin"))
+        end = requests.index(("GET", f"/api/models/_marker/{name}-train-end"))
+        preuploads = [path for method, path in requests[begin:end] if path == f"/api/models/{repo_id}/preupload/main"]
+        saves = sorted((published.out / folder).glob("checkpoint-*"))
+        assert len(saves) >= 2 and len(preuploads) == len(saves), (name, len(saves), len(preuploads))
+
+
+@pytest.mark.slow
+def test_checkpoint_pushes_follow_push_lora(published):
+    # --push_lora both: the checkpoint commit already has the merged weights at the root and the adapter in adapter/.
+    commits = published.server.repos[("model", BOTH_REPO)].commits
+    (files,) = [files for _, files, title in commits if title == "Training in progress, step 1"]
+    assert {"model.safetensors", "config.json", "adapter/adapter_model.safetensors"} <= set(files)
+    assert "adapter_config.json" not in files and "adapter_model.safetensors" not in files
+    assert "library_name: transformers" in files["README.md"].content.decode()
 
 
 @pytest.mark.slow

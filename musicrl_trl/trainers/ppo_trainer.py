@@ -1043,7 +1043,7 @@ class MusicPPOTrainer(CrashSafeCheckpointsMixin, PPOTrainer):
             self.write_training_curves(output_dir)
         resolution = self.license_resolution(license or self.args.hub_license)
         card = hub.render_policy_card(
-            self, layout or ("adapter" if self.is_peft_model else "full"), resolution,
+            self, layout or self._card_layout(), resolution,
             repo_id=repo_id or self.args.hub_model_id, output_dir=output_dir, dataset_name=dataset_name,
             sample_url_prefix=sample_url_prefix, tags=[tags] if isinstance(tags, str) else (tags or []),
         )
@@ -1078,7 +1078,7 @@ class MusicPPOTrainer(CrashSafeCheckpointsMixin, PPOTrainer):
         self.save_model(output_dir, _internal_call=True)  # on every process (collective under DeepSpeed/FSDP)
         if not self.is_world_process_zero():
             return None
-        layout = push_lora if self.is_peft_model else "full"
+        layout = self.hub_layout(push_lora)
         if layout in ("merged", "both"):
             self._save_merged_policy(os.path.join(output_dir, "merged"))
         revision = revision or self.args.hub_revision
@@ -1095,6 +1095,17 @@ class MusicPPOTrainer(CrashSafeCheckpointsMixin, PPOTrainer):
             self.hub_model_id, self._hub_files(layout), commit_message, token=token, revision=revision,
             run_as_future=not blocking,
         )
+
+    def hub_layout(self, push_lora: str | None = None) -> str:
+        """What a push uploads: ``"full"`` weights for a fully trained policy; for LoRA, ``push_lora`` (default
+        ``args.push_lora``): ``"adapter"``, ``"merged"`` or ``"both"``."""
+        return (push_lora or self.args.push_lora) if self.is_peft_model else "full"
+
+    def _card_layout(self) -> str:
+        # A card describes the repo it will be pushed to, else the local output_dir (adapter at its root for LoRA).
+        if self.args.push_to_hub:
+            return self.hub_layout()
+        return "adapter" if self.is_peft_model else "full"
 
     def _hub_files(self, layout: str, weights_folder: str | None = None) -> dict[str, str]:
         """``path_in_repo -> local file`` of a push: the policy from ``weights_folder`` (``output_dir`` or a
@@ -1120,14 +1131,17 @@ class MusicPPOTrainer(CrashSafeCheckpointsMixin, PPOTrainer):
         policy.save_pretrained(directory)
         self.processing_class.save_pretrained(directory)
 
-    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
-        """Push a checkpoint's policy (adapter or full weights), card and samples to the repo root, blocking and
-        safetensors-only: ``Trainer``'s version uploads ``training_args.bin``, and its ``hub_strategy="checkpoint"``
-        upload of the whole folder would push optimizer, scheduler and RNG pickles, which stay local here."""
+    def _push_published_checkpoint(self, checkpoint_folder: str) -> None:
+        """Push a published checkpoint's policy (as ``push_lora`` says for LoRA, else full weights), card and samples
+        to the repo root, blocking and safetensors-only: ``Trainer``'s version uploads ``training_args.bin``, and its
+        ``hub_strategy="checkpoint"`` upload of the whole folder would push optimizer, scheduler and RNG pickles,
+        which stay local here."""
         if not self.is_world_process_zero() or self.args.hub_strategy == "end":
             return
         self.callback_handler.on_push_begin(self.args, self.state, self.control)
-        layout = "adapter" if self.is_peft_model else "full"
+        layout = self.hub_layout()
+        if layout in ("merged", "both"):
+            self._save_merged_policy(os.path.join(self.args.output_dir, "merged"))  # the weights as of this step
         hub.upload_files(
             self.hub_model_id, self._hub_files(layout, checkpoint_folder),
             f"Training in progress, step {self.state.global_step}", token=self.args.hub_token,
