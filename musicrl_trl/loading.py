@@ -16,6 +16,11 @@ the reward-model trainer's starting point) goes through :func:`resolve_pretraine
 
 ``hint`` is appended to every message about a missing model: the command that makes it (e.g.
 ``python examples/train_reward_model.py ... --output_dir ast-music-mos``).
+
+:func:`load_pretrained` also never runs a pickle unless asked: a model whose weights are only pickles
+(``pytorch_model.bin``, ``adapter_model.bin``) is refused with :class:`ModelLoadingError` before anything is
+downloaded, and model classes get ``use_safetensors=True``. ``allow_pickle_weights=True`` lifts both for a source the
+user trusts.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ from huggingface_hub.utils import validate_repo_id
 
 __all__ = [
     "ModelLoadingError",
+    "check_no_pickle_only_weights",
     "check_safetensors_file",
     "check_weights",
     "is_local_path",
@@ -150,11 +156,18 @@ def resolve_pretrained(
     not retry every file). Local folders (and cached snapshots) also get their
     safetensors files checked (:func:`check_weights`).
     """
+    return _resolve(name_or_path, what, hint, revision)[0]
+
+
+def _resolve(
+    name_or_path: str | os.PathLike, what: str, hint: str | None, revision: str | None
+) -> tuple[str, list[str] | None]:
+    """:func:`resolve_pretrained`, and the repo's file names when it asked the Hub (``None`` otherwise)."""
     name = os.fspath(name_or_path)
     path = os.path.expanduser(name)
     if os.path.isdir(path):
         check_weights(path, what)
-        return path
+        return path, None
     if os.path.isfile(path):
         raise ModelLoadingError(
             f"{what}: {name!r} is a file; pass the folder that holds the model (its config.json and weights)."
@@ -168,7 +181,7 @@ def resolve_pretrained(
     if constants.HF_HUB_OFFLINE:
         if cached is not None:
             check_weights(cached, what)
-            return name  # offline, transformers reads the cache without retrying; the id stays the model's name
+            return name, None  # offline, transformers reads the cache without retrying; the id stays the model's name
         raise ModelLoadingError(
             _with_hint(
                 f"{what}: {name!r} is neither a local folder (working directory: {os.getcwd()}) nor in the Hugging "
@@ -178,7 +191,7 @@ def resolve_pretrained(
             )
         )
     try:
-        HfApi().model_info(name, revision=revision, timeout=HUB_TIMEOUT_S)
+        info = HfApi().model_info(name, revision=revision, timeout=HUB_TIMEOUT_S)
     except (RepositoryNotFoundError, GatedRepoError, RevisionNotFoundError) as error:
         if isinstance(error, GatedRepoError):
             raise ModelLoadingError(
@@ -197,7 +210,7 @@ def resolve_pretrained(
         if cached is not None:
             logger.warning("%s: the Hub is unreachable (%s); using the cached copy of %r.", what, error, name)
             check_weights(cached, what)
-            return cached
+            return cached, None
         raise ModelLoadingError(
             _with_hint(
                 f"{what}: cannot reach the Hub at {constants.ENDPOINT} to download {name!r} ({type(error).__name__}: "
@@ -207,7 +220,72 @@ def resolve_pretrained(
                 hint,
             )
         ) from None
-    return name
+    return name, [sibling.rfilename for sibling in info.siblings or ()]
+
+
+def _is_pickle_weights(filename: str) -> bool:
+    # The names from_pretrained falls back to when no safetensors are there: transformers' pytorch_model.bin (and
+    # its shards pytorch_model-00001-of-00002.bin), peft's adapter_model.bin. training_args.bin is no weights file.
+    return filename.endswith(".bin") and filename.startswith(("pytorch_model", "adapter_model"))
+
+
+def check_no_pickle_only_weights(
+    source: str | os.PathLike,
+    what: str = "model",
+    subfolder: str | None = None,
+    revision: str | None = None,
+    repo_files: list[str] | None = None,
+) -> None:
+    """Raise :class:`ModelLoadingError` if the model at ``source`` has pickle weights and no safetensors.
+
+    ``from_pretrained`` (transformers and peft alike) falls back to ``pytorch_model.bin`` / ``adapter_model.bin``
+    when a model has no ``*.safetensors``, and loading a pickle can run code. This library never does so unless the
+    user passes ``allow_pickle_weights=True``.
+
+    Args:
+        source: a local folder or a Hub id, as :func:`resolve_pretrained` returns it.
+        what: what the model is for, first in the message.
+        subfolder: the folder inside ``source`` that holds the weights (``subfolder=`` of ``from_pretrained``).
+        revision: Hub revision.
+        repo_files: the repo's file names if already known (from the Hub's model info); otherwise they are read from
+            the folder, the Hub or, offline, the local cache.
+    """
+    source = os.fspath(source)
+    if os.path.isdir(source):
+        folder = os.path.join(source, subfolder or "")
+        names = os.listdir(folder) if os.path.isdir(folder) else []
+    else:
+        if repo_files is None:
+            cached = _cached_snapshot(source, revision) if constants.HF_HUB_OFFLINE else None
+            if cached is not None:
+                check_no_pickle_only_weights(cached, what, subfolder)
+                return
+            if constants.HF_HUB_OFFLINE:
+                return  # nothing cached: from_pretrained fails on its own, and downloads nothing to run
+            info = HfApi().model_info(source, revision=revision, timeout=HUB_TIMEOUT_S)
+            repo_files = [sibling.rfilename for sibling in info.siblings or ()]
+        prefix = f"{subfolder.strip('/')}/" if subfolder else ""
+        names = [name[len(prefix) :] for name in repo_files if name.startswith(prefix)]
+        names = [name for name in names if "/" not in name]
+    pickles = sorted(name for name in names if _is_pickle_weights(name))
+    if pickles and not any(name.endswith(".safetensors") for name in names):
+        where = os.path.join(source, subfolder) if subfolder else source
+        raise ModelLoadingError(
+            f"{what}: {where!r} has only pickle weights ({', '.join(pickles)}) and no safetensors, and loading a "
+            "pickle can run arbitrary code, so it is refused. Convert the weights to safetensors (load the model once "
+            "where you trust it and `save_pretrained` it again, which writes model.safetensors), or pass "
+            "allow_pickle_weights=True if you trust where the model comes from."
+        )
+
+
+def _loads_weights(load: Callable[..., Any]) -> bool:
+    # Only model classes take use_safetensors: a processor or tokenizer would keep it and write it into its
+    # tokenizer_config.json. A bound classmethod (`Cls.from_pretrained`) says which class it loads.
+    from transformers import PreTrainedModel
+    from transformers.models.auto.auto_factory import _BaseAutoModelClass
+
+    owner = getattr(load, "__self__", None)
+    return isinstance(owner, type) and issubclass(owner, (PreTrainedModel, _BaseAutoModelClass))
 
 
 def load_pretrained(
@@ -215,15 +293,23 @@ def load_pretrained(
     name_or_path: str | os.PathLike,
     what: str = "model",
     hint: str | None = None,
+    allow_pickle_weights: bool = False,
     **kwargs: Any,
 ) -> T:
     """``load(resolve_pretrained(name_or_path, ...), **kwargs)``, with unreadable weights reported by name.
 
     ``load`` is a ``from_pretrained``-style callable, e.g. ``MusicgenForConditionalGeneration.from_pretrained``.
+    A model whose weights are pickles only is refused (:func:`check_no_pickle_only_weights`), whatever ``load``
+    reads from it, and model classes get ``use_safetensors=True``; ``allow_pickle_weights=True`` loads pickles, for
+    a source you trust.
     """
     from safetensors import SafetensorError
 
-    source = resolve_pretrained(name_or_path, what, hint, revision=kwargs.get("revision"))
+    source, repo_files = _resolve(name_or_path, what, hint, kwargs.get("revision"))
+    if not allow_pickle_weights:
+        check_no_pickle_only_weights(source, what, kwargs.get("subfolder"), kwargs.get("revision"), repo_files)
+        if _loads_weights(load):
+            kwargs.setdefault("use_safetensors", True)
     try:
         return load(source, **kwargs)
     except SafetensorError as error:

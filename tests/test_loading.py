@@ -194,3 +194,162 @@ def test_offline_cached_models_load_by_id_and_corrupt_cached_files_are_named(tmp
     (snapshot / "model.safetensors").write_bytes(safetensors_bytes()[:-3])
     with pytest.raises(ModelLoadingError, match="policy: the weights file .*models--org--model.* is corrupt"):
         resolve_pretrained("org/model", "policy")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Pickle weights are never loaded unless asked
+# --------------------------------------------------------------------------------------------------------------------
+
+PICKLE_ONLY = "has only pickle weights"
+
+
+def to_pickle_weights(folder, name: str = "pytorch_model.bin") -> Path:
+    """Rewrite a saved model's weights as a pickle only, as `save_pretrained(safe_serialization=False)` did.
+
+    transformers 5 writes safetensors whatever ``safe_serialization`` says, so the pickle is written by hand: the
+    folder then holds what an old checkpoint on the Hub holds (config.json and pytorch_model.bin).
+    """
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    (weights,) = folder.glob("*.safetensors")
+    torch.save(load_file(weights), folder / name)
+    weights.unlink()
+    return folder
+
+
+def assert_pickles_refused(error, where) -> None:
+    message = str(error.value)
+    assert f"{where!r} has only pickle weights (" in message and "and no safetensors" in message
+    assert "Convert the weights to safetensors" in message and "allow_pickle_weights=True" in message
+
+
+def test_a_reward_with_only_pickle_weights_is_refused_unless_allowed(tmp_path, monkeypatch):
+    import transformers.modeling_utils
+
+    folder = to_pickle_weights(save_tiny_music_reward(tmp_path / "mos"))
+    loads = []
+    monkeypatch.setattr(transformers.modeling_utils, "load_state_dict", lambda *a, **k: loads.append(a) or 1 / 0)
+    with pytest.raises(
+        ModelLoadingError, match=f"^quality reward: '{folder}' {PICKLE_ONLY} \\(pytorch_model.bin\\)"
+    ) as error:
+        QualityReward(str(folder))
+    assert_pickles_refused(error, str(folder))
+    assert loads == []  # refused before anything was read
+    monkeypatch.undo()
+    reward = QualityReward(str(folder), allow_pickle_weights=True)
+    audio = 0.1 * torch.randn(2, 1, 16_000, generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(reward(audio=audio, sampling_rate=16_000)).all()
+
+
+def test_preference_clap_and_backbone_loads_refuse_pickle_weights(tmp_path):
+    from musicrl_trl.reward_models import MusicRewardModel, PreferenceReward, TextAdherenceReward
+    from musicrl_trl.testing import save_tiny_clap
+
+    rm = to_pickle_weights(save_tiny_music_reward(tmp_path / "rm"))
+    with pytest.raises(ModelLoadingError, match=f"^preference reward: '{rm}' {PICKLE_ONLY}"):
+        PreferenceReward(str(rm))
+    assert PreferenceReward(str(rm), allow_pickle_weights=True).model.config.model_type == "music_reward"
+
+    clap = to_pickle_weights(save_tiny_clap(tmp_path / "clap"))
+    with pytest.raises(ModelLoadingError, match=f"^text_adherence reward \\(CLAP\\): '{clap}' {PICKLE_ONLY}"):
+        TextAdherenceReward(str(clap))
+    TextAdherenceReward(str(clap), window_s=1.0, allow_pickle_weights=True)
+    with pytest.raises(ModelLoadingError, match=f"^reward backbone: '{clap}' {PICKLE_ONLY}"):
+        MusicRewardModel.from_backbone(clap, hidden_size=16)
+    MusicRewardModel.from_backbone(clap, allow_pickle_weights=True, hidden_size=16)
+
+
+def test_token_preference_model_refuses_a_pickled_musicgen(tmp_path):
+    from musicrl_trl.reward_models.token_preference import MusicTokenPreferenceModel
+    from musicrl_trl.testing import save_tiny_musicgen
+
+    folder = to_pickle_weights(save_tiny_musicgen(tmp_path / "musicgen"))
+    with pytest.raises(ModelLoadingError, match=f"^MusicGen for the token preference model: '{folder}' {PICKLE_ONLY}"):
+        MusicTokenPreferenceModel.from_musicgen(str(folder))
+    MusicTokenPreferenceModel.from_musicgen(str(folder), allow_pickle_weights=True)
+
+
+def test_evaluation_refuses_pickled_policies_and_adapters(tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    from musicrl_trl.evaluation import load_policy, load_reward
+    from musicrl_trl.testing import save_tiny_musicgen
+
+    base = save_tiny_musicgen(tmp_path / "base")
+    full = to_pickle_weights(save_tiny_musicgen(tmp_path / "full"))
+    with pytest.raises(ValueError, match="could not load the policy") as error:
+        load_policy(str(full))
+    assert isinstance(error.value.__cause__, ModelLoadingError)
+    assert str(error.value.__cause__).startswith(f"policy: '{full}' {PICKLE_ONLY} (pytorch_model.bin)")
+    load_policy(str(full), allow_pickle_weights=True)
+
+    model, processor = tiny_musicgen(save_directory=tmp_path / "for-lora")
+    model.config.name_or_path = base  # the adapter's base_model_name_or_path
+    adapter = tmp_path / "adapter"
+    get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(
+        adapter, safe_serialization=False
+    )
+    assert (adapter / "adapter_model.bin").is_file() and not list(adapter.glob("*.safetensors"))
+    with pytest.raises(ValueError, match="could not load the policy") as error:
+        load_policy(str(adapter), processor)
+    assert str(error.value.__cause__).startswith(f"LoRA adapter: '{adapter}' {PICKLE_ONLY} (adapter_model.bin)")
+    assert type(load_policy(str(adapter), processor, allow_pickle_weights=True)[0]).__name__ == "PeftModel"
+
+    rm = to_pickle_weights(save_tiny_music_reward(tmp_path / "rm"))
+    with pytest.raises(ValueError, match=PICKLE_ONLY):
+        load_reward(f"quality={rm}")
+    load_reward(f"quality={rm}", allow_pickle_weights=True)
+
+
+def test_pickle_check_reads_hub_file_lists_subfolders_and_the_offline_cache(tmp_path, monkeypatch):
+    from musicrl_trl.loading import check_no_pickle_only_weights
+
+    bins = ["config.json", "pytorch_model-00001-of-00002.bin", "pytorch_model-00002-of-00002.bin"]
+    with pytest.raises(
+        ModelLoadingError, match="'org/m' has only pickle weights \\(pytorch_model-00001-of-00002.bin, "
+    ):
+        check_no_pickle_only_weights("org/m", "policy", repo_files=bins)
+    check_no_pickle_only_weights("org/m", repo_files=[*bins, "model.safetensors"])  # safetensors win: no pickle read
+    check_no_pickle_only_weights("org/m", repo_files=["config.json", "training_args.bin"])  # not weights
+    both = ["model.safetensors", "adapter/adapter_config.json", "adapter/adapter_model.bin"]
+    check_no_pickle_only_weights("org/m", repo_files=both)
+    with pytest.raises(ModelLoadingError, match="'org/m/adapter' has only pickle weights \\(adapter_model.bin\\)"):
+        check_no_pickle_only_weights("org/m", "LoRA adapter", subfolder="adapter", repo_files=both)
+
+    # Offline, a cached Hub model is judged by its cached files, before from_pretrained reads any.
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    repo = tmp_path / "cache" / "models--org--old"
+    snapshot = repo / "snapshots" / ("b" * 40)
+    save_tiny_music_reward(snapshot)
+    to_pickle_weights(snapshot)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("b" * 40)
+
+    def never(*args, **kwargs):
+        raise AssertionError("loaded")
+
+    with pytest.raises(ModelLoadingError, match=f"^quality reward: '{snapshot}' {PICKLE_ONLY}"):
+        load_pretrained(never, "org/old", "quality reward")
+
+
+def test_models_load_with_use_safetensors_and_processors_without_it(tmp_path):
+    from transformers import MusicgenForConditionalGeneration, MusicgenProcessor
+
+    from musicrl_trl.testing import save_tiny_musicgen
+
+    folder = save_tiny_musicgen(tmp_path / "musicgen")
+    seen = {}
+
+    class Spy(MusicgenForConditionalGeneration):
+        @classmethod
+        def from_pretrained(cls, path, **kwargs):
+            seen.update(kwargs)
+            return super().from_pretrained(path, **kwargs)
+
+    load_pretrained(Spy.from_pretrained, folder, "policy")
+    assert seen == {"use_safetensors": True}
+    # A processor would keep use_safetensors and write it into its tokenizer_config.json: it gets none.
+    load_pretrained(MusicgenProcessor.from_pretrained, folder, "policy").save_pretrained(tmp_path / "saved")
+    assert "use_safetensors" not in (tmp_path / "saved" / "tokenizer_config.json").read_text()

@@ -174,6 +174,7 @@ def evaluate_policies(
     processors: dict[str, Any] | None = None,
     keep_audio: int = 0,
     progress: Callable[[str, int, int], None] | None = None,
+    allow_pickle_weights: bool = False,
 ) -> dict[str, Any]:
     """Side-by-side evaluation of policy A against policy B, with drift to ``base_model`` and diversity.
 
@@ -186,7 +187,8 @@ def evaluate_policies(
     ``bandwidth_db`` is the log-mel kernel's scale (see :class:`LogMelEmbedding`).
     ``processors`` maps ``"a"``, ``"b"``, ``"base"`` to processors for policies given as model objects.
     ``keep_audio``: keep the clips of that many prompts per policy under ``results["_samples"]`` (not written to
-    JSON).
+    JSON). ``allow_pickle_weights``: load policies and reward models whose weights are only pickles
+    (``pytorch_model.bin``, ``adapter_model.bin``), which are refused otherwise.
 
     Returns the dictionary written to ``results.json`` (see :func:`~musicrl_trl.evaluation.reports.write_results`).
     """
@@ -199,7 +201,7 @@ def evaluate_policies(
     else:
         reward_funcs = {}
         for spec in rewards:
-            name, reward = load_reward(spec, device)
+            name, reward = load_reward(spec, device, allow_pickle_weights)
             if name in reward_funcs:
                 raise ValueError(f"reward {name!r} is given twice; evaluate each reward once.")
             reward_funcs[name] = reward
@@ -217,12 +219,12 @@ def evaluate_policies(
             f"embedding {embedding!r}: use 'log_mel' or the name of a loaded model reward ({list(reward_funcs)})."
         )
 
-    model_a, processor_a = load_policy(policy_a, processors.get("a"), device)
-    model_b, processor_b = load_policy(policy_b, processors.get("b"), device)
+    model_a, processor_a = load_policy(policy_a, processors.get("a"), device, allow_pickle_weights)
+    model_b, processor_b = load_policy(policy_b, processors.get("b"), device, allow_pickle_weights)
     if base_model is None or base_model is policy_b or (isinstance(base_model, str) and base_model == policy_b):
         base, base_processor, base_name = model_b, processor_b, _describe(policy_b)
     else:
-        base, base_processor = load_policy(base_model, processors.get("base"), device)
+        base, base_processor = load_policy(base_model, processors.get("base"), device, allow_pickle_weights)
         base_name = _describe(base_model)
     check_compatible({"policy_a": model_a, "policy_b": model_b, "base_model": base})
     num_steps = resolve_num_steps(model_a, response_length, audio_duration_s)

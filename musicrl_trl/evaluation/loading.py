@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from ..loading import check_no_pickle_only_weights, load_pretrained
 from ..reward_models import (
     BrightnessReward,
     LoudnessReward,
@@ -37,11 +38,15 @@ def clap_score(prompts: list[str], audio: torch.Tensor, sampling_rate: int, rewa
     return reward(prompts=list(prompts), audio=audio, sampling_rate=sampling_rate)
 
 
-def load_reward(spec: str, device: torch.device | str | None = None) -> tuple[str, Callable]:
+def load_reward(
+    spec: str, device: torch.device | str | None = None, allow_pickle_weights: bool = False
+) -> tuple[str, Callable]:
     """A reward from a command-line spec: ``loudness``, ``brightness``, ``silence`` (signal rewards, no weights),
     or ``adherence=PATH_OR_ID``, ``quality=PATH_OR_ID``, ``preference=PATH_OR_ID``. Returns ``(name, reward)``.
 
-    Raises ``ValueError`` naming the spec when it is unknown or its model cannot be loaded.
+    Raises ``ValueError`` naming the spec when it is unknown or its model cannot be loaded (the cause attached: a
+    :class:`~musicrl_trl.loading.ModelLoadingError` for a model with only pickle weights, which are loaded only with
+    ``allow_pickle_weights=True``).
     """
     kind, _, location = spec.partition("=")
     kind = kind.strip()
@@ -58,7 +63,7 @@ def load_reward(spec: str, device: torch.device | str | None = None) -> tuple[st
         raise ValueError(f"reward {spec!r} needs a model: pass {kind}=PATH_OR_HUB_ID.")
     builder = {"adherence": TextAdherenceReward, "quality": QualityReward, "preference": PreferenceReward}[kind]
     try:
-        return kind, builder(location, device=device)
+        return kind, builder(location, device=device, allow_pickle_weights=allow_pickle_weights)
     except Exception as error:  # any failure to load is reported the same way, with the cause attached
         raise ValueError(
             f"could not load the {kind} reward from {location!r} ({type(error).__name__}: {error}). Check the path "
@@ -109,12 +114,18 @@ def load_prompts(source: Any, split: str = "train", column: str = "prompt") -> l
     return prompts
 
 
-def load_policy(source: Any, processor: Any = None, device: torch.device | str | None = None) -> tuple[Any, Any]:
+def load_policy(
+    source: Any, processor: Any = None, device: torch.device | str | None = None, allow_pickle_weights: bool = False
+) -> tuple[Any, Any]:
     """A MusicGen policy and its processor from a path or Hub id, or a model passed as it is.
 
     A directory or repo with ``adapter_config.json`` is a LoRA adapter: its base model
     (``base_model_name_or_path``) is loaded and wrapped with ``PeftModel.from_pretrained``; the processor is read
     from the adapter when it was saved there (``MusicPPOTrainer.save_model`` does), else from the base.
+
+    Weights that are only pickles (``pytorch_model.bin``, ``adapter_model.bin``: loading them can run code) are
+    refused unless ``allow_pickle_weights=True``: the ``ValueError`` then has a
+    :class:`~musicrl_trl.loading.ModelLoadingError` as its cause.
     """
     from transformers import MusicgenForConditionalGeneration, MusicgenProcessor
 
@@ -133,7 +144,12 @@ def load_policy(source: Any, processor: Any = None, device: torch.device | str |
                 from peft import PeftConfig, PeftModel
 
                 base_id = PeftConfig.from_pretrained(source).base_model_name_or_path
-                base = MusicgenForConditionalGeneration.from_pretrained(base_id)
+                base = load_pretrained(
+                    MusicgenForConditionalGeneration.from_pretrained, base_id, "base model", None, allow_pickle_weights
+                )
+                # peft has no use_safetensors: it reads adapter_model.bin whenever there is no safetensors file.
+                if not allow_pickle_weights:
+                    check_no_pickle_only_weights(source, "LoRA adapter")
                 model = PeftModel.from_pretrained(base, source)
                 if processor is None:
                     try:
@@ -141,7 +157,8 @@ def load_policy(source: Any, processor: Any = None, device: torch.device | str |
                     except (OSError, ValueError):
                         processor = MusicgenProcessor.from_pretrained(base_id)
             else:
-                model = MusicgenForConditionalGeneration.from_pretrained(source)
+                load = MusicgenForConditionalGeneration.from_pretrained
+                model = load_pretrained(load, source, "policy", None, allow_pickle_weights)
                 processor = processor or MusicgenProcessor.from_pretrained(source)
         except Exception as error:
             raise ValueError(

@@ -38,6 +38,7 @@ from transformers import initialization as init
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 from ..audio import check_sampling_rate, resample, split_windows
+from ..loading import load_pretrained
 from .configuration_music_reward import SUPPORTED_BACKBONES, MusicRewardConfig
 from .feature_extraction_music_reward import MusicRewardFeatureExtractor
 from .features import ClapFeatureSettings, ast_features, log_mel_spectrogram, repeat_pad
@@ -137,19 +138,24 @@ class MusicRewardModel(MusicRewardPreTrainedModel):
     # construction ----------------------------------------------------------------------------------------------------
 
     @classmethod
-    def from_backbone(cls, backbone: str | os.PathLike, **config_kwargs: Any) -> MusicRewardModel:
+    def from_backbone(
+        cls, backbone: str | os.PathLike, allow_pickle_weights: bool = False, **config_kwargs: Any
+    ) -> MusicRewardModel:
         """A reward head on a pretrained audio encoder, loaded by Hub id or local path; the head starts random.
 
         ``backbone`` is a CLAP checkpoint (``"laion/larger_clap_music"``, ``"laion/clap-htsat-unfused"``: the audio
         tower and its projection are kept) or an AST checkpoint (``"MIT/ast-finetuned-audioset-10-10-0.4593"``: the
         encoder is kept, its AudioSet classifier dropped). The feature settings are read from the checkpoint's
         feature extractor so that the torch features match what the backbone was trained on. ``config_kwargs`` go to
-        :class:`MusicRewardConfig` (e.g. ``hidden_size``, ``text_vocab_size=384`` for prompt conditioning).
+        :class:`MusicRewardConfig` (e.g. ``hidden_size``, ``text_vocab_size=384`` for prompt conditioning). A backbone
+        whose weights are only pickles (``pytorch_model.bin``) raises :class:`~musicrl_trl.loading.ModelLoadingError`
+        unless ``allow_pickle_weights=True``.
         """
         backbone_config = AutoConfig.from_pretrained(backbone)
         model_type = backbone_config.model_type
         if model_type in ("clap", "clap_audio_model"):
-            encoder = ClapAudioModelWithProjection.from_pretrained(backbone)
+            load = ClapAudioModelWithProjection.from_pretrained
+            encoder = load_pretrained(load, backbone, "reward backbone", allow_pickle_weights=allow_pickle_weights)
             settings = ClapFeatureSettings.from_feature_extractor(ClapFeatureExtractor.from_pretrained(backbone))
             feature_kwargs = dict(
                 sampling_rate=settings.sampling_rate,
@@ -165,7 +171,8 @@ class MusicRewardModel(MusicRewardPreTrainedModel):
                 feature_std=1.0,
             )
         elif model_type == "audio-spectrogram-transformer":
-            encoder = ASTModel.from_pretrained(backbone)
+            load = ASTModel.from_pretrained
+            encoder = load_pretrained(load, backbone, "reward backbone", allow_pickle_weights=allow_pickle_weights)
             extractor = ASTFeatureExtractor.from_pretrained(backbone)
             feature_kwargs = dict(
                 sampling_rate=extractor.sampling_rate,

@@ -45,6 +45,9 @@ class PreferenceReward(AudioReward):
             from ``model`` when that is a path.
         window_s: audio-space only: score ``window_s`` windows and average (MusicRL's preference clips were 20 s);
             default ``None`` scores the whole clip.
+        device: where to run the model (default: where its weights are).
+        allow_pickle_weights: load a model saved only as ``pytorch_model.bin`` (a pickle, which can run code). Off
+            by default: such a model raises :class:`~musicrl_trl.loading.ModelLoadingError`.
 
     >>> from musicrl_trl.testing import tiny_music_reward
     >>> reward = PreferenceReward(tiny_music_reward())
@@ -58,21 +61,24 @@ class PreferenceReward(AudioReward):
         tokenizer: Any = None,
         window_s: float | None = None,
         device: torch.device | str | None = None,
+        allow_pickle_weights: bool = False,
     ) -> None:
         super().__init__("preference")
         path = None
         if isinstance(model, (str, os.PathLike)):
-            path = resolve_pretrained(model, f"{self.__name__} reward")
+            what = f"{self.__name__} reward"
+            path = resolve_pretrained(model, what)
             # Read the raw model_type: AutoConfig would need the token model registered first.
             model_type = PreTrainedConfig.get_config_dict(path)[0].get("model_type")
             if model_type == MusicRewardConfig.model_type:
-                model = AutoModelForAudioClassification.from_pretrained(path)
+                load = AutoModelForAudioClassification.from_pretrained
             elif model_type == "music_token_reward":
                 from .token_preference import MusicTokenPreferenceModel  # imports the codebook math only when used
 
-                model = MusicTokenPreferenceModel.from_pretrained(path)
+                load = MusicTokenPreferenceModel.from_pretrained
             else:
-                model = AutoModelForSequenceClassification.from_pretrained(path)
+                load = AutoModelForSequenceClassification.from_pretrained
+            model = load_pretrained(load, path, what, allow_pickle_weights=allow_pickle_weights)
         # The agreed marker of token-space reward models (see musicrl_trl/reward_models/token_preference.py).
         self.scores_codes = bool(getattr(model, "scores_codes", False))
         if not self.scores_codes and not isinstance(model, MusicRewardModel):
@@ -86,7 +92,7 @@ class PreferenceReward(AudioReward):
         if self.scores_codes:
             if isinstance(tokenizer, (str, os.PathLike)):
                 what = f"{self.__name__} reward tokenizer"
-                tokenizer = load_pretrained(AutoTokenizer.from_pretrained, tokenizer, what)
+                tokenizer = load_pretrained(AutoTokenizer.from_pretrained, tokenizer, what, None, allow_pickle_weights)
             elif tokenizer is None and path is not None:
                 try:
                     tokenizer = AutoTokenizer.from_pretrained(path)

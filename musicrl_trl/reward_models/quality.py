@@ -24,9 +24,12 @@ from .modeling_music_reward import MusicRewardModel
 __all__ = ["QualityReward"]
 
 
-def _load_music_reward_model(model: MusicRewardModel | str | os.PathLike, owner: str) -> MusicRewardModel:
+def _load_music_reward_model(
+    model: MusicRewardModel | str | os.PathLike, owner: str, allow_pickle_weights: bool = False
+) -> MusicRewardModel:
     if isinstance(model, (str, os.PathLike)):
-        model = load_pretrained(AutoModelForAudioClassification.from_pretrained, model, f"{owner} reward")
+        load = AutoModelForAudioClassification.from_pretrained
+        model = load_pretrained(load, model, f"{owner} reward", allow_pickle_weights=allow_pickle_weights)
     if not isinstance(model, MusicRewardModel):
         raise ValueError(
             f"{owner}: expected a MusicRewardModel (or a path to one), got {type(model).__name__}. Train one with "
@@ -46,6 +49,8 @@ class QualityReward(AudioReward):
         mos_range: the model's rating scale; ``(mos - low) / (high - low)`` is returned.
         clamp: clip the rescaled score to [0, 1]. Off by default: a clipped reward is flat outside the range and
             gives RL no direction there.
+        allow_pickle_weights: load a model saved only as ``pytorch_model.bin`` (a pickle, which can run code). Off
+            by default: such a model raises :class:`~musicrl_trl.loading.ModelLoadingError`.
 
     >>> from musicrl_trl.testing import tiny_music_reward
     >>> reward = QualityReward(tiny_music_reward())
@@ -61,9 +66,10 @@ class QualityReward(AudioReward):
         mos_range: tuple[float, float] = (1.0, 5.0),
         clamp: bool = False,
         device: torch.device | str | None = None,
+        allow_pickle_weights: bool = False,
     ) -> None:
         super().__init__("quality")
-        self.model = _load_music_reward_model(model, self.__name__)
+        self.model = _load_music_reward_model(model, self.__name__, allow_pickle_weights)
         if device is not None:
             self.model.to(device)
         if windows not in ("first_last", "all"):

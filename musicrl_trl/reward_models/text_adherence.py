@@ -39,6 +39,8 @@ class TextAdherenceReward(AudioReward):
         hop_s: window hop (default ``window_s``: adjacent windows).
         max_windows_per_batch: windows embedded per CLAP forward, to bound memory on long batches.
         device: where to run CLAP (default: where its weights are). Scores return on the audio's device.
+        allow_pickle_weights: load a CLAP saved only as ``pytorch_model.bin`` (a pickle, which can run code). Off by
+            default: such a model raises :class:`~musicrl_trl.loading.ModelLoadingError`.
 
     >>> from musicrl_trl.testing import tiny_clap
     >>> model, processor = tiny_clap()
@@ -57,13 +59,15 @@ class TextAdherenceReward(AudioReward):
         hop_s: float | None = None,
         max_windows_per_batch: int = 32,
         device: torch.device | str | None = None,
+        allow_pickle_weights: bool = False,
     ) -> None:
         super().__init__("text_adherence")
         if isinstance(model, (str, os.PathLike)):
             what = f"{self.__name__} reward (CLAP)"
+            # A pickle-only CLAP is refused already when its processor is read (the same check, before any download).
             if processor is None:
-                processor = load_pretrained(ClapProcessor.from_pretrained, model, what)
-            model = load_pretrained(ClapModel.from_pretrained, model, what)
+                processor = load_pretrained(ClapProcessor.from_pretrained, model, what, None, allow_pickle_weights)
+            model = load_pretrained(ClapModel.from_pretrained, model, what, None, allow_pickle_weights)
         elif processor is None:
             raise ValueError(
                 f"{self.__name__}: pass the CLAP model's processor as well (`ClapProcessor.from_pretrained(...)`): "

@@ -44,6 +44,7 @@ from transformers.modeling_outputs import SequenceClassifierOutput
 from transformers.models.musicgen.modeling_musicgen import MusicgenModel
 
 from .. import codebooks
+from ..loading import load_pretrained
 
 __all__ = ["MusicTokenPreferenceConfig", "MusicTokenPreferenceModel", "register_token_preference"]
 
@@ -160,16 +161,25 @@ class MusicTokenPreferenceModel(PreTrainedModel):
         cls,
         model_or_path: MusicgenForConditionalGeneration | str | os.PathLike,
         pooling: Literal["mean", "last"] = "mean",
+        allow_pickle_weights: bool = False,
         **from_pretrained_kwargs,
     ) -> MusicTokenPreferenceModel:
         """Copy the text encoder, projection and decoder trunk of a MusicGen model; the scalar head starts fresh.
 
         ``model_or_path`` is a loaded ``MusicgenForConditionalGeneration`` (left untouched: weights are copied) or a
-        checkpoint id/path loaded with ``from_pretrained(**from_pretrained_kwargs)``. The codec and the LM heads are
-        not used. The result is in train mode, as a model fresh for training is.
+        checkpoint id/path loaded with ``from_pretrained(**from_pretrained_kwargs)`` through
+        :func:`~musicrl_trl.loading.load_pretrained`: a checkpoint with only pickle weights (``pytorch_model.bin``)
+        raises :class:`~musicrl_trl.loading.ModelLoadingError` unless ``allow_pickle_weights=True``. The codec and the
+        LM heads are not used. The result is in train mode, as a model fresh for training is.
         """
         if isinstance(model_or_path, (str, os.PathLike)):
-            musicgen = MusicgenForConditionalGeneration.from_pretrained(model_or_path, **from_pretrained_kwargs)
+            musicgen = load_pretrained(
+                MusicgenForConditionalGeneration.from_pretrained,
+                model_or_path,
+                "MusicGen for the token preference model",
+                allow_pickle_weights=allow_pickle_weights,
+                **from_pretrained_kwargs,
+            )
             name_or_path = str(model_or_path)
         elif isinstance(model_or_path, MusicgenForConditionalGeneration):
             musicgen = model_or_path
