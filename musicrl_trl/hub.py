@@ -37,7 +37,7 @@ from importlib import resources
 from typing import Any
 
 import torch
-from transformers import TrainerCallback
+from transformers import PreTrainedModel, TrainerCallback
 
 logger = logging.getLogger(__name__)
 
@@ -49,10 +49,12 @@ __all__ = [
     "NonCommercialLicenseWarning",
     "find_license",
     "hub_files",
+    "ingredient_licenses",
     "model_source",
     "render_policy_card",
     "render_reward_card",
     "resolve_license",
+    "reward_license_sources",
     "upload_files",
     "write_policy_samples",
 ]
@@ -292,12 +294,65 @@ def find_license(name: str | None, role: str = "model") -> LicenseSource:
     return LicenseSource(role, name, None, "not found")
 
 
+def _modules_of(reward: Any) -> list[torch.nn.Module]:
+    """The torch modules a reward callable keeps as attributes, directly or in a list, tuple or dict."""
+    modules = []
+    for value in getattr(reward, "__dict__", {}).values():  # a function or an instance; builtins hold no weights
+        if isinstance(value, Mapping):
+            value = list(value.values())
+        for item in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(item, torch.nn.Module):
+                modules.append(item)
+    return modules
+
+
+def reward_license_sources(reward: Any, role: str) -> list[LicenseSource]:
+    """The licence of every model a reward callable holds; ``[signal-based source]`` when it holds none.
+
+    A :class:`~musicrl_trl.reward_models.RewardCombination` gives the sources of its parts (nested ones too), each
+    with the role ``reward '<part>'``. Any other callable is searched for the torch modules among its attributes: the
+    built-in rewards keep theirs as ``.model``, a user's reward may keep a CLAP as ``.clap`` or hold two models. Each
+    module (or sub-module) loaded with ``from_pretrained`` is looked up by its id or path (:func:`find_license`);
+    weights whose origin nothing records (a plain ``nn.Module``, a folder that is gone) are listed with an unknown
+    licence, never as signal-based, so the card cannot promise terms nobody checked.
+    """
+    from .reward_models.combination import RewardCombination
+
+    if isinstance(reward, RewardCombination):
+        return [
+            source
+            for name, part in reward.rewards.items()
+            for source in reward_license_sources(part, f"reward '{name}'")
+        ]
+    sources: dict[str, LicenseSource] = {}  # by model name: a model held twice counts once
+    for module in _modules_of(reward):
+        from_pretrained = [sub for sub in module.modules() if isinstance(sub, PreTrainedModel)]
+        names = [name for name in map(model_source, from_pretrained) if name is not None]
+        for name in dict.fromkeys(names):
+            sources.setdefault(name, find_license(name, role))
+        if not names and any(True for _ in module.parameters()):
+            what = f"({type(module).__name__} weights)"
+            origin = "not recorded: the reward holds weights that were not loaded from a Hub id or a path that exists"
+            sources.setdefault(what, LicenseSource(role, what, None, origin))
+    return list(sources.values()) or [LicenseSource(role, None, None, "no model weights (computed from the signal)")]
+
+
 def reward_license(reward: Any, role: str) -> LicenseSource:
-    """The licence of the model behind a reward callable (``reward.model``); signal rewards have none."""
-    model = getattr(reward, "model", None)  # any callable is a reward: the model-backed ones keep it as `.model`
-    if model is None:
-        return LicenseSource(role, None, None, "no model weights (computed from the signal)")
-    return find_license(model_source(model), role)
+    """The strictest of :func:`reward_license_sources` (see :func:`license_rank`): one line per reward."""
+    return max(reward_license_sources(reward, role), key=lambda source: license_rank(source.license))
+
+
+def ingredient_licenses(
+    base_model: str | None, anchor_model: str | None, rewards: Mapping[str, Any]
+) -> list[LicenseSource]:
+    """The licence of every ingredient of a trained policy: the base model, the KL anchor (when it is another
+    model) and every model of every reward (``{name: reward callable}``; combinations give their parts)."""
+    sources = [find_license(base_model, "base model")]
+    if anchor_model != base_model:
+        sources.append(find_license(anchor_model, "KL anchor"))
+    for name, reward in rewards.items():
+        sources.extend(reward_license_sources(reward, f"reward '{name}'"))
+    return sources
 
 
 def resolve_license(sources: Sequence[LicenseSource], override: str | None = None) -> LicenseResolution:
