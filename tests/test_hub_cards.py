@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
+from datasets import Dataset
 
 from musicrl_trl import hub
 from musicrl_trl.reward_models import LoudnessReward, QualityReward, RewardCombination
-from musicrl_trl.testing import tiny_clap, tiny_music_reward
+from musicrl_trl.testing import tiny_clap, tiny_music_reward, tiny_musicgen
+from musicrl_trl.trainers import MusicPPOConfig, MusicPPOTrainer
 
 
 def with_license(folder, license_id: str) -> str:
@@ -86,3 +89,62 @@ def test_ingredients_are_the_base_the_anchor_and_every_part_of_every_combination
     assert sources[2].name == str(tmp_path / "mos") and sources[4].name is None  # unknown vs signal-based
     assert hub.resolve_license(sources).license == "unknown"
     assert [source.role for source in hub.ingredient_licenses(base, base, {})] == ["base model"]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The policy card
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def policy_card(tmp_path_factory):
+    """Render the card of an untrained tiny run with the given config fields and number of updates."""
+    model, processor = tiny_musicgen()
+    out = tmp_path_factory.mktemp("card")
+    trainers = {}
+
+    def render(global_step: int, **config) -> str:
+        key = tuple(sorted(config.items()))
+        if key not in trainers:
+            args = MusicPPOConfig(
+                output_dir=str(out / str(len(trainers))),
+                per_device_train_batch_size=2,
+                total_episodes=4,
+                response_length=10,
+                report_to=[],
+                disable_tqdm=True,
+                plot_training_curves=False,
+                **config,
+            )
+            prompts = Dataset.from_dict({"prompt": ["calm piano", "loud drums"]})
+            reward = LoudnessReward()
+            trainers[key] = MusicPPOTrainer(args, processor, model, reward_model=reward, train_dataset=prompts)
+        trainer = trainers[key]
+        trainer.state.global_step = global_step
+        resolution = hub.resolve_license([hub.LicenseSource("base model", "org/base", "apache-2.0", "test")])
+        return hub.render_policy_card(trainer, "full", resolution, "me/policy", trainer.args.output_dir)
+
+    return render
+
+
+@pytest.mark.parametrize(
+    ("kl_penalty", "kl_estimator", "form"),
+    [
+        ("loss", "full", "an analytic loss term (MusicRL's objective)"),
+        ("reward", "k3", "a per-step reward penalty (TRL's shaping)"),
+        ("loss", "k1", "an analytic loss term (MusicRL's objective)"),
+    ],
+)
+def test_the_card_states_the_kl_coefficient_estimator_and_form(policy_card, kl_penalty, kl_estimator, form):
+    card = policy_card(2, kl_coef=0.07, kl_penalty=kl_penalty, kl_estimator=kl_estimator)
+    (line,) = [line for line in card.splitlines() if line.startswith("- KL regularisation:")]
+    assert f"coefficient 0.07, `{kl_estimator}` estimator" in line and f"applied as {form}" in line
+    assert ("the exact KL summed over the whole codebook" in line) == (kl_estimator == "full")
+
+
+def test_the_card_counts_updates_and_rollouts_in_singular_and_plural(policy_card):
+    (line,) = [line for line in policy_card(1).splitlines() if line.startswith("- Steps:")]
+    assert line.startswith("- Steps: 1 update (2 rollouts of ")
+    (line,) = [line for line in policy_card(3).splitlines() if line.startswith("- Steps:")]
+    assert line.startswith("- Steps: 3 updates (6 rollouts of ")
+    assert "1 updates" not in policy_card(1)
