@@ -8,6 +8,7 @@ import math
 import os
 import sqlite3
 import tarfile
+import tempfile
 import time
 
 import numpy as np
@@ -295,8 +296,17 @@ def _level(clip_id: str) -> int:
     return int(clip_id.rsplit("-c", 1)[1])  # tone_pool: clip k has level 0.1 * (k + 1)
 
 
-def test_only_an_admin_exports_over_http(tmp_path):
+def test_only_an_admin_exports_over_http(tmp_path, monkeypatch):
     app = App(tmp_path, prompts=2, clips_per_prompt=2, seconds=0.02)
+    scratch = tmp_path / "scratch"  # where the export's temporary folders go: empty again after every request
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    # Nothing voted yet: a 409 that says what to do, not a 500 (and no temporary folder left behind).
+    response = app.client.get("/api/export", headers=app.headers("admin"))
+    assert response.status_code == 409 and response.json()["error"] == "no_votes", response.text
+    assert "Collect votes first" in response.json()["detail"]
+    assert list(scratch.iterdir()) == []
+
     _vote_all(app, lambda pair: "a")
     assert app.client.get("/api/export", headers=app.headers("alice")).status_code == 403
     response = app.client.get("/api/export", headers=app.headers("admin"))
@@ -305,6 +315,15 @@ def test_only_an_admin_exports_over_http(tmp_path):
         archive.extractall(tmp_path / "download", filter="data")
     dataset = load_from_disk(str(tmp_path / "download" / "preferences"))
     assert len(dataset) == 2 and set(dataset["rater"]) == {"alice"}
+    assert list(scratch.iterdir()) == []
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(tarfile, "open", disk_full)
+    client = TestClient(app.client.app, raise_server_exceptions=False)
+    assert client.get("/api/export", headers=app.headers("admin")).status_code == 500
+    assert list(scratch.iterdir()) == []
 
 
 def test_export_pushes_to_the_hub_when_asked(tmp_path, monkeypatch):

@@ -13,7 +13,8 @@ API (token as ``Authorization: Bearer TOKEN``; 401 without a valid one; errors a
 ``POST /api/rate``         evaluation mode: ``{"pair_id", "side", "text_adherence", "acoustic_quality",
                            "overall_appeal"}`` (1-5 each) for one clip.
 ``GET /api/me``            the rater's name, role, vote count and the server's mode.
-``GET /api/export``        admins only (403 otherwise): the votes as a ``datasets`` folder in a ``.tar.gz``.
+``GET /api/export``        admins only (403 otherwise): the votes as a ``datasets`` folder in a ``.tar.gz``; 409
+                           ``no_votes`` while no vote on the pool's clips is stored.
 =========================  ==========================================================================================
 
 Malformed requests (bad JSON, unknown fields, wrong types, bad ids) are 400. The UI lives at ``/ui/``.
@@ -225,11 +226,24 @@ def create_app(
         from .export import export_dataset
 
         workdir = tempfile.mkdtemp(prefix="musicrl-export-")
-        dataset_dir = os.path.join(workdir, "preferences")
-        export_dataset(store, pool, dataset_dir)
-        archive = os.path.join(workdir, "preferences.tar.gz")
-        with tarfile.open(archive, "w:gz") as tar:
-            tar.add(dataset_dir, arcname="preferences")
+        # The folder is removed after the response is sent (background task) or here, on any failure before that.
+        try:
+            dataset_dir = os.path.join(workdir, "preferences")
+            try:
+                export_dataset(store, pool, dataset_dir)
+            except ValueError:  # export_dataset's only refusal: no vote on this pool's clips yet
+                raise AppError(
+                    409,
+                    "no_votes",
+                    "nothing to export yet: no vote on this pool's clips is stored. Collect votes first (raters vote "
+                    "in the UI at /ui/ or through POST /api/vote), then export again.",
+                ) from None
+            archive = os.path.join(workdir, "preferences.tar.gz")
+            with tarfile.open(archive, "w:gz") as tar:
+                tar.add(dataset_dir, arcname="preferences")
+        except BaseException:
+            shutil.rmtree(workdir, ignore_errors=True)
+            raise
         return FileResponse(
             archive,
             media_type="application/gzip",
