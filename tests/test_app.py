@@ -427,6 +427,10 @@ def test_report_on_a_known_vote_set(tmp_path):
 
     pool = load_pool(app.pool)
     app.store_systems = {clip_id: clip.system for clip_id, clip in pool.clips.items()}
+    # Collection-mode votes in the same database (30 of the 50 pair clips of both systems) are not an evaluation.
+    evaluate_client, app.client = app.client, TestClient(create_app(app.pool, app.db, "collect", ui=False))
+    assert len(_vote_all(app, lambda pair: "a", name="admin")) == 50
+    app.client = evaluate_client
     votes = _vote_all(app, scripted) + _vote_all(app, scripted, name="bob")
     assert len(votes) == 60
     # Ratings for one pair: tuned's clip 4-5-5, base's 2-3-1.
@@ -444,7 +448,7 @@ def test_report_on_a_known_vote_set(tmp_path):
     out = tmp_path / "report"
     assert cli.main(["report", "--db", str(app.db), "--out", str(out)]) == 0
     report = json.loads((out / "report.json").read_text())
-    assert report["votes"] == 60 and report["raters"] == 2 and report["same_system_votes"] == 0
+    assert report["votes"] == 60 and report["raters"] == 2 and report["collection_votes"] == 50
     (entry,) = report["comparisons"]
     assert (entry["system"], entry["opponent"]) == ("base", "tuned")  # oriented alphabetically
     assert (entry["wins"], entry["ties"], entry["losses"], entry["n"]) == (15, 5, 40, 60)
@@ -456,6 +460,33 @@ def test_report_on_a_known_vote_set(tmp_path):
     assert report["mean_ratings"]["tuned"] == {"text_adherence": 4, "acoustic_quality": 5, "overall_appeal": 5}
     markdown = (out / "report.md").read_text()
     assert "| base | tuned | 60 | 15 | 5 | 40 | 0.273 | 0.292 |" in markdown
+    assert "60 evaluation votes by 2 raters; 50 collection-mode votes" in markdown
+
+
+def test_report_follows_the_evaluation_librarys_conventions(tmp_path):
+    from musicrl_trl.app.report import build_report, to_markdown
+    from musicrl_trl.evaluation import paired_comparison
+
+    # One prompt, clips 0 and 2 of "base", 1 and 3 of "tuned": 4 cross-system pairs. A sweep: tuned wins all 8.
+    app = App(tmp_path, mode="evaluate", prompts=1, clips_per_prompt=4, seconds=0.01, systems=("base", "tuned"))
+    systems = {clip_id: clip.system for clip_id, clip in load_pool(app.pool).clips.items()}
+    for name in ("alice", "bob"):
+        _vote_all(app, lambda pair: "a" if systems[pair["a"]["clip_id"]] == "tuned" else "b", name=name)
+    report = build_report(app.db)
+    (entry,) = report["comparisons"]
+    expected = paired_comparison([-1.0] * 8, [0.0] * 8)
+    assert {key: entry[key] for key in expected} == expected
+    assert (entry["win_rate"], entry["wilcoxon_p"]) == (0.0, pytest.approx(2 / 2**8))
+    assert "| base | tuned | 8 | 0 | 0 | 8 | 0.000 | 0.000 | 0.008 |" in to_markdown(report)  # not 0.00e+00
+
+    # No decisive vote: win rate 0.5 and p = 1, as paired_comparison gives for a policy against itself.
+    app = App(tmp_path / "ties", mode="evaluate", prompts=1, clips_per_prompt=2, seconds=0.01, systems=("x", "y"))
+    _vote_all(app, lambda pair: "tie")
+    _vote_all(app, lambda pair: "tie", name="bob")
+    (entry,) = build_report(app.db)["comparisons"]
+    assert (entry["ties"], entry["win_rate"], entry["win_rate_ties_half"], entry["wilcoxon_p"]) == (2, 0.5, 0.5, 1.0)
+    assert paired_comparison([0.0, 0.0], [0.0, 0.0])["win_rate"] == 0.5
+    assert "| x | y | 2 | 0 | 2 | 0 | 0.500 | 0.500 | 1.000 |" in to_markdown(build_report(app.db))
 
 
 def test_rate_needs_evaluate_mode_and_evaluate_pairs_cross_systems(tmp_path):

@@ -136,7 +136,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .report import write_report
 
             report = write_report(args.db, args.out)
-            print(f"{report['votes']} votes, {len(report['comparisons'])} system pairs: {args.out}/report.md")
+            pairs = len(report["comparisons"])
+            print(f"{report['votes']} evaluation votes, {pairs} system pairs: {args.out}/report.md")
     except (ValueError, FileNotFoundError, FileExistsError) as error:
         print(f"musicrl-app {args.command}: {error}", file=sys.stderr)
         return 2

@@ -1,18 +1,24 @@
 """Evaluation report: how two systems fared against each other in side-by-side votes and 1-5 ratings.
 
-For every pair of systems (X, Y), X before Y alphabetically, each vote on an X-vs-Y pair is one paired comparison
-with outcome +1 (X's clip chosen), 0 (tie) or -1 (Y's). The report gives
+Only votes cast in evaluation mode (``musicrl-app serve --mode evaluate``) count: collection-mode votes compare clips
+to train a reward model (often of one system, but also across systems when a collection pool holds two) and are
+only counted, as ``collection_votes``. For every pair of systems (X, Y), X before Y alphabetically, each evaluation
+vote on an X-vs-Y pair is one paired comparison with outcome +1 (X's clip chosen), 0 (tie) or -1 (Y's). The report
+gives
 
 - ``wins``/``ties``/``losses`` of X, ``n`` votes;
 - ``win_rate`` = wins / (wins + losses), the share of decisive votes X won, and ``win_rate_ties_half`` =
   (wins + ties / 2) / n;
-- ``wilcoxon_p``: two-sided Wilcoxon signed-rank test of the outcomes against a median of 0 (ties dropped,
-  ``zero_method="wilcox"``, scipy's default method: exact for small samples, else the normal approximation, which on
-  +-1 outcomes is the sign test z = (wins - losses) / sqrt(wins + losses)); ``None`` when no vote was decisive;
+- ``wilcoxon_p``: two-sided Wilcoxon signed-rank test of the outcomes against a median of 0 (ties dropped; scipy's
+  default method: exact for small samples, else the normal approximation, which on +-1 outcomes is the sign test
+  z = (wins - losses) / sqrt(wins + losses));
 - with ratings (evaluation mode), each system's mean score per criterion and, per criterion, the Wilcoxon p-value of
   the paired differences score(X) - score(Y) over the pairs where both clips were rated.
 
-Votes between clips of the same system (collection mode) do not compare systems and are only counted.
+The statistics are those of :func:`musicrl_trl.evaluation.paired_comparison` (the votes are its per-prompt score
+differences), so a listening test and ``examples/evaluate_musicrl.py`` read the same way, conventions included: with
+no decisive vote (all ties, or only ratings) the win rates are 0.5 and the p-value is 1, "no evidence either way";
+the ``ties`` column tells that apart from an even split.
 """
 
 from __future__ import annotations
@@ -24,31 +30,28 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+# Pure statistics on score arrays, shared with the evaluation package rather than copied (one convention for both).
+from ..evaluation.statistics import paired_comparison, wilcoxon_signed_rank
 from .store import RATING_CRITERIA, Store
 
-__all__ = ["build_report", "write_report", "wilcoxon_p"]
+__all__ = ["build_report", "write_report"]
 
 
-def wilcoxon_p(differences: list[float]) -> float | None:
-    """Two-sided Wilcoxon signed-rank p-value of paired differences (zeros dropped); None if all are zero."""
-    from scipy.stats import wilcoxon
-
-    nonzero = [value for value in differences if value != 0]
-    if not nonzero:
-        return None
-    result = wilcoxon(nonzero, zero_method="wilcox", alternative="two-sided")
-    return float(result.pvalue)
+def _outcome_summary(outcomes: list[int]) -> dict[str, Any]:
+    """wins / ties / losses, win rate and Wilcoxon p of +1 / 0 / -1 vote outcomes, as paired_comparison gives them."""
+    if not outcomes:  # a system pair with ratings but no vote
+        return {"wins": 0, "ties": 0, "losses": 0, "win_rate": 0.5, "wilcoxon_p": 1.0}
+    return paired_comparison([float(outcome) for outcome in outcomes], [0.0] * len(outcomes))
 
 
 def build_report(store: Store | str | os.PathLike) -> dict[str, Any]:
     store = store if isinstance(store, Store) else Store(store)
-    votes = store.votes()
+    every_vote = store.votes()
+    votes = [vote for vote in every_vote if vote["mode"] == "evaluate"]
     outcomes: dict[tuple[str, str], list[int]] = defaultdict(list)
-    same_system = 0
     for vote in votes:
         system_a, system_b = vote["system_a"], vote["system_b"]
-        if system_a == system_b:
-            same_system += 1
+        if system_a == system_b:  # evaluation pools pair clips of two systems only; kept as a guard
             continue
         outcome = {"a": 1, "b": -1, "tie": 0}[vote["choice"]]
         if system_a > system_b:  # orient every comparison as (alphabetically first, second)
@@ -74,24 +77,24 @@ def build_report(store: Store | str | os.PathLike) -> dict[str, Any]:
     comparisons = []
     for first, second in sorted(set(outcomes) | set(paired)):
         values = outcomes.get((first, second), [])
-        wins, ties, losses = values.count(1), values.count(0), values.count(-1)
+        summary = _outcome_summary(values)
         entry: dict[str, Any] = {
             "system": first,
             "opponent": second,
             "n": len(values),
-            "wins": wins,
-            "ties": ties,
-            "losses": losses,
-            "win_rate": wins / (wins + losses) if wins + losses else None,
-            "win_rate_ties_half": (wins + ties / 2) / len(values) if values else None,
-            "wilcoxon_p": wilcoxon_p(values),
+            "wins": summary["wins"],
+            "ties": summary["ties"],
+            "losses": summary["losses"],
+            "win_rate": summary["win_rate"],
+            "win_rate_ties_half": (summary["wins"] + summary["ties"] / 2) / len(values) if values else 0.5,
+            "wilcoxon_p": summary["wilcoxon_p"],
         }
         if (first, second) in paired:
             entry["ratings"] = {
                 criterion: {
                     "n": len(differences),
                     "mean_difference": sum(differences) / len(differences),
-                    "wilcoxon_p": wilcoxon_p(differences),
+                    "wilcoxon_p": wilcoxon_signed_rank(differences),
                 }
                 for criterion, differences in paired[(first, second)].items()
             }
@@ -99,7 +102,7 @@ def build_report(store: Store | str | os.PathLike) -> dict[str, Any]:
     return {
         "votes": len(votes),
         "raters": len({vote["rater"] for vote in votes}),
-        "same_system_votes": same_system,
+        "collection_votes": len(every_vote) - len(votes),
         "comparisons": comparisons,
         "mean_ratings": {
             system: {criterion: sum(values) / len(values) for criterion, values in scores.items()}
@@ -111,15 +114,20 @@ def build_report(store: Store | str | os.PathLike) -> dict[str, Any]:
 def _number(value: float | None, digits: int = 3) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "n/a"
-    return f"{value:.{digits}f}" if value >= 10**-digits else f"{value:.2e}"
+    # Scientific notation only for small non-zero values (p-values): a win rate of 0 reads 0.000, not 0.00e+00.
+    return f"{value:.{digits}f}" if value == 0 or abs(value) >= 10**-digits else f"{value:.2e}"
 
 
 def to_markdown(report: dict[str, Any]) -> str:
     lines = [
         "# Listening test report",
         "",
-        f"{report['votes']} votes by {report['raters']} raters; {report['same_system_votes']} of them compare clips "
-        "of one system and are not counted below.",
+        f"{report['votes']} evaluation votes by {report['raters']} raters"
+        + (
+            f"; {report['collection_votes']} collection-mode votes (for training a reward model) are not counted."
+            if report["collection_votes"]
+            else "."
+        ),
         "",
     ]
     if report["comparisons"]:
@@ -135,8 +143,9 @@ def to_markdown(report: dict[str, Any]) -> str:
             )
         lines += [
             "",
-            "Win rate: share of the decisive votes that the system won. Wilcoxon p: two-sided signed-rank test of the "
-            "vote outcomes (+1 / 0 / -1, ties dropped) against no preference.",
+            "Win rate: share of the decisive votes that the system won (0.5 when no vote was decisive: see the ties). "
+            "Wilcoxon p: two-sided signed-rank test of the vote outcomes (+1 / 0 / -1, ties dropped) against no "
+            "preference (1 when no vote was decisive).",
         ]
     else:
         lines.append("No votes compare two systems: serve a two-system pool with `--mode evaluate`.")
