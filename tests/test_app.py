@@ -144,7 +144,7 @@ def test_conflicts_get_409_and_a_vote_is_stored_once(tmp_path):
     app = App(tmp_path, prompts=1, clips_per_prompt=3, seconds=0.02)
     pair = app.pair()
     response = app.vote(pair, "a")
-    assert response.status_code == 409 and "play clips A and B" in response.json()["detail"]
+    assert response.status_code == 409 and response.json()["detail"] == "play clips A and B to the end before voting."
     app.listen(pair, sides=("a",))
     response = app.vote(pair, "a")
     assert response.status_code == 409 and "play clip B" in response.json()["detail"]
@@ -499,6 +499,16 @@ def test_rate_needs_evaluate_mode_and_evaluate_pairs_cross_systems(tmp_path):
         assert app.client.post("/api/rate", headers=app.headers(), json=bad).status_code == 400
     with pytest.raises(ValueError, match="two systems"):
         create_app(app.pool, tmp_path / "e.sqlite", mode="evaluate", ui=False)
+
+    # A clip is rated alone: the refusal before it was played names that clip and rating, not voting.
+    app = App(tmp_path / "eval", mode="evaluate", prompts=1, clips_per_prompt=2, seconds=0.01, systems=("x", "y"))
+    pair = app.pair()
+    app.listen(pair, sides=("a",))
+    body = {"pair_id": pair["pair_id"], "side": "b", "text_adherence": 3, "acoustic_quality": 3, "overall_appeal": 3}
+    response = app.client.post("/api/rate", headers=app.headers(), json=body)
+    assert response.status_code == 409 and response.json()["error"] == "not_played"
+    assert response.json()["detail"] == "play clip B to the end before rating it."
+    assert app.client.post("/api/rate", headers=app.headers(), json={**body, "side": "a"}).status_code == 200
 
 
 def test_cli_make_pool_add_rater_and_serve_checks(tmp_path, capsys):

@@ -307,13 +307,14 @@ class Store:
         return {"pair_id": pair_id, "side": side, "played": True}
 
     @staticmethod
-    def _check_played(row: sqlite3.Row, sides: tuple[str, ...]) -> None:
+    def _check_played(row: sqlite3.Row, sides: tuple[str, ...], action: str) -> None:
+        """409 ``not_played`` unless every clip of ``sides`` was played to the end; ``action`` ends the message."""
         missing = [side.upper() for side in sides if row[f"played_{side}"] is None]
         if missing:
             raise AppError(
                 409,
                 "not_played",
-                f"play clip{'s' if len(missing) > 1 else ''} {' and '.join(missing)} to the end before voting.",
+                f"play clip{'s' if len(missing) > 1 else ''} {' and '.join(missing)} to the end before {action}.",
             )
 
     def vote(
@@ -347,7 +348,7 @@ class Store:
                     f"you already voted {existing['choice']!r} on pair {pair_id!r} at {existing['created_at']}; "
                     "a vote is stored once.",
                 )
-            self._check_played(row, SIDES)
+            self._check_played(row, SIDES, "voting")
             created_at = utc_now()
             connection.execute(
                 "INSERT INTO votes (pair_id, rater_id, clip_lo, clip_hi, choice, reason, idempotency_key, created_at)"
@@ -395,7 +396,7 @@ class Store:
                 raise AppError(409, "wrong_mode", "this pair was given out for collection, not for evaluation.")
             if connection.execute("SELECT 1 FROM ratings WHERE pair_id = ? AND side = ?", (pair_id, side)).fetchone():
                 raise AppError(409, "already_rated", f"you already rated clip {side.upper()} of pair {pair_id!r}.")
-            self._check_played(row, (side,))
+            self._check_played(row, (side,), "rating it")
             connection.execute(
                 "INSERT INTO ratings (pair_id, side, rater_id, clip_id, text_adherence, acoustic_quality, "
                 "overall_appeal, idempotency_key, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
