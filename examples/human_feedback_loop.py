@@ -222,6 +222,28 @@ def mean_loudness(pool_dir: Path, system: str | None = None) -> float:
     )
 
 
+def policy_1_result(report: dict) -> tuple[float | None, str]:
+    """policy-1's share of the decisive evaluation votes against policy-0, and the sentence that reports it.
+
+    None when no vote decided anything (no evaluation vote, or only ties): the report's convention is then a win
+    rate of 0.5, which here would read as "policy-1 won half", so the sentence says what happened instead.
+    """
+    entry = next((c for c in report["comparisons"] if (c["system"], c["opponent"]) == ("policy-0", "policy-1")), None)
+    if entry is None or entry["n"] == 0:
+        return None, "no evaluation vote compares policy-1 with policy-0: the raters voted on no pair of pool-1."
+    decisive = entry["wins"] + entry["losses"]  # oriented alphabetically: wins are policy-0's
+    if decisive == 0:
+        return None, (
+            f"no decisive vote: all {entry['ties']} evaluation votes were ties, so policy-1 and policy-0 cannot be "
+            "told apart; rate more pairs (--eval_clips_per_prompt, --num_raters) or lower --tie_db."
+        )
+    share = entry["losses"] / decisive
+    return share, (
+        f"policy-1 won {share:.0%} of the decisive votes against policy-0 ({entry['losses']} of {decisive}, "
+        f"Wilcoxon p = {entry['wilcoxon_p']:.3g})"
+    )
+
+
 def main(args: LoopArguments) -> dict:
     torch.set_num_threads(1)  # tiny models: threads only add synchronisation on a busy 2-core machine
     out = Path(args.output_dir)
@@ -274,20 +296,19 @@ def main(args: LoopArguments) -> dict:
     collect_votes(out / "pool-1", db, tokens, args, pairs_per_rater, "evaluate")
     report = write_report(store, out / "report-1")
     print(to_markdown(report))
-    comparison = report["comparisons"][0]  # oriented alphabetically: policy-0 against policy-1
-    decisive = comparison["wins"] + comparison["losses"]
+    win_rate, result = policy_1_result(report)
     summary = {
         "collection_votes": votes,
-        "evaluation_votes": comparison["n"],
-        "policy_1_win_rate": comparison["losses"] / decisive if decisive else None,
-        "wilcoxon_p": comparison["wilcoxon_p"],
+        "evaluation_votes": report["votes"],
+        "policy_1_win_rate": win_rate,
+        "wilcoxon_p": report["comparisons"][0]["wilcoxon_p"] if report["comparisons"] else None,
         "preference_model_accuracy": accuracy,
         "loudness_db_policy_0": mean_loudness(out / "pool-1", "policy-0"),
         "loudness_db_policy_1": mean_loudness(out / "pool-1", "policy-1"),
         "seconds": time.time() - start,
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    print(f"policy-1 won {summary['policy_1_win_rate']:.0%} of the decisive votes against policy-0")
+    print(result)
     print(
         f"hidden taste (loudness): policy-0 {summary['loudness_db_policy_0']:.1f} dBFS, policy-1 "
         f"{summary['loudness_db_policy_1']:.1f} dBFS; {time.time() - start:.0f} s in all; files in {out}"

@@ -489,6 +489,21 @@ def test_report_follows_the_evaluation_librarys_conventions(tmp_path):
     assert "| x | y | 2 | 0 | 2 | 0 | 0.500 | 0.500 | 1.000 |" in to_markdown(build_report(app.db))
 
 
+def test_feedback_loop_reports_a_round_without_a_decisive_vote(tmp_path):
+    from musicrl_trl.app.report import build_report
+
+    example = _load_example("human_feedback_loop")
+    systems = ("policy-0", "policy-1")
+    app = App(tmp_path, mode="evaluate", prompts=2, clips_per_prompt=2, seconds=0.01, systems=systems)
+    assert example.policy_1_result(build_report(app.db))[0] is None  # nothing voted yet
+    _vote_all(app, lambda pair: "tie")
+    share, sentence = example.policy_1_result(build_report(app.db))
+    assert share is None and sentence.startswith("no decisive vote: all 2 evaluation votes were ties")
+    _vote_all(app, lambda pair: "a" if pair["a"]["clip_id"].endswith("c1") else "b", name="bob")  # c1: policy-1
+    share, sentence = example.policy_1_result(build_report(app.db))
+    assert share == 1.0 and sentence.startswith("policy-1 won 100% of the decisive votes against policy-0 (2 of 2")
+
+
 def test_rate_needs_evaluate_mode_and_evaluate_pairs_cross_systems(tmp_path):
     app = App(tmp_path, prompts=1, clips_per_prompt=2, seconds=0.01)
     pair = app.pair()
