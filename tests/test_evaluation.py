@@ -28,6 +28,7 @@ from musicrl_trl.evaluation import (
     sample_policy,
     vendi_score,
     wilcoxon_signed_rank,
+    write_results,
 )
 from musicrl_trl.evaluation import compare as evaluation_compare
 from musicrl_trl.metrics import CLAP_SCORE, WIN_RATE
@@ -168,6 +169,22 @@ def test_kl_per_clip_is_zero_to_itself_and_agrees_with_sampled_log_ratios(guidan
     assert kl.mean() > 10 * standard_error  # not trivially close to zero
 
 
+def test_kl_with_top_k_is_taken_before_the_cut_and_stays_finite():
+    model, processor = tiny_musicgen()
+    base, _ = tiny_musicgen()
+    with torch.no_grad():  # the policy's lm heads moved: its top 5 codes differ from the base's
+        for head in model.decoder.lm_heads:
+            head.weight.add_(0.3 * torch.randn(head.weight.shape, generator=torch.Generator().manual_seed(1)))
+    sampling = SamplingConfig(guidance_scale=2.0, temperature=0.99, top_k=5)
+    torch.manual_seed(0)
+    rollout = generate_rollout(model, processor, ["deep dark bass"] * 8, num_steps=10, sampling=sampling)
+    kl = kl_per_clip(model, base, rollout)
+    assert torch.isfinite(kl).all() and (kl > 0).all()
+    # The same as without top-k: guidance and temperature are kept, only the cut is left out (as in the trainer).
+    whole_codebook = kl_per_clip(model, base, rollout, sampling=SamplingConfig(guidance_scale=2.0, temperature=0.99))
+    torch.testing.assert_close(kl, whole_codebook)
+
+
 # ------------------------------------------------------------------------------------------------- policies
 @pytest.fixture(scope="module")
 def base_dir(tmp_path_factory):
@@ -232,6 +249,44 @@ def test_policy_against_itself_ties_with_zero_kl(base_dir):
     result = paired_comparison(a.scores["loudness"], b.scores["loudness"])
     assert 0.2 <= result["win_rate"] <= 0.8
     assert result["wilcoxon_p"] > 0.05
+
+
+def _strict_json(path):
+    def refuse(constant):
+        raise ValueError(f"{path} holds {constant}, which is not JSON")
+
+    return json.loads(path.read_text(), parse_constant=refuse)
+
+
+def test_top_k_evaluation_writes_a_finite_kl_as_strict_json(tmp_path, base_dir):
+    other = save_tiny_musicgen(tmp_path / "other", seed=1)
+    results = evaluate_policies(
+        other,
+        base_dir,
+        PROMPTS[:2],
+        ["loudness"],
+        num_samples_per_prompt=2,
+        response_length=10,
+        sampling=SamplingConfig(temperature=0.99, top_k=5),
+        num_resamples=200,
+    )
+    write_results(results, str(tmp_path / "eval"))
+    written = _strict_json(tmp_path / "eval" / "results.json")
+    assert written["sampling"]["top_k"] == 5 and "non_finite" not in written
+    kl = written["kl_to_base"]
+    assert 0 < kl["a"] < float("inf") and kl["b"] == 0.0
+    assert all(np.isfinite(kl["ci95_a"]))
+    assert "KL to base (nats per clip before the top-k cut)" in (tmp_path / "eval" / "results.md").read_text()
+
+    # Anything non-finite that is left is written as null and listed, never as NaN / Infinity.
+    results["diversity"]["a"]["vendi_score"] = float("nan")
+    results["diversity"]["b"]["entropy_per_codebook"][1] = float("-inf")
+    with pytest.warns(UserWarning, match="non-finite"):
+        write_results(results, str(tmp_path / "eval-nan"))
+    written = _strict_json(tmp_path / "eval-nan" / "results.json")
+    assert written["diversity"]["a"]["vendi_score"] is None
+    assert written["diversity"]["b"]["entropy_per_codebook"][1] is None
+    assert written["non_finite"] == ["diversity.a.vendi_score", "diversity.b.entropy_per_codebook[1]"]
 
 
 def test_policy_trained_on_a_signal_reward_beats_its_base(base_dir, trained_dir):

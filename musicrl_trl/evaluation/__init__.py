@@ -8,7 +8,8 @@ package computes the same quantities for two policies under any reward callables
 - :func:`paired_comparison`: wins / ties / losses of A against B per prompt, the win rate and a Wilcoxon p-value;
 - :func:`bootstrap_ci`: percentile bootstrap intervals of a mean (prompts are the resampled unit);
 - :func:`kl_per_clip`: the exact KL(policy || base) in nats per clip, summed over every code of the clip and over the
-  whole codebook, under the sampling transform (guidance, temperature, top-k) the clips were drawn with;
+  whole codebook, under the guidance and temperature the clips were drawn with, before any top-k cut (as the trainer
+  computes it; after the cut it would be infinite);
 - :class:`LogMelEmbedding` / :class:`RewardModelEmbedding`, :func:`diversity`, :func:`vendi_score`: the spread of the
   clips drawn for one prompt, as the mean pairwise distance of audio embeddings and a Vendi score (Friedman and
   Dieng, 2023: the exponential of the entropy of the similarity matrix's eigenvalues, an "effective number" of

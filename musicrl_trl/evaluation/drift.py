@@ -1,10 +1,12 @@
-"""Drift from a base model: the exact KL per clip under the sampling transform, and per-codebook token entropy.
+"""Drift from a base model: the exact KL per clip under the sampling transform (before any top-k cut), and
+per-codebook token entropy.
 
 Shape letters as in :mod:`musicrl_trl.rollout`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -35,13 +37,14 @@ def kl_per_clip(
     At every code of every clip, the KL between the two models' sampling distributions over the whole codebook
     (:func:`musicrl_trl.codebooks.full_kl`, the quantity MusicRL's KL term penalises), summed over the K x T codes:
     a one-sample estimate over clips of the sequence-level KL, exact within each clip. Both distributions go through
-    the same sampling transform (``sampling``, default the rollout's). ``base_processor`` re-tokenises the prompts
-    for a base with another text tokenizer (default: the rollout's prompt ids are used as they are).
-
-    With top-k the KL is infinite as soon as the policy can draw a code outside the base's top k (the two supports
-    differ); MusicRL sampled from the whole codebook (``top_k=0``), where it is always finite.
+    the same guidance and temperature (``sampling``, default the rollout's), but not its top-k cut: that is what
+    ``MusicPPOTrainer`` penalises and logs (``objective/kl``, ``eval/kl``), so the numbers compare. After the cut the
+    KL is infinite as soon as the policy's top k codes differ from the base's (a code the policy may draw has
+    probability 0 under the base). With ``top_k=0`` (MusicRL sampled from the whole codebook) nothing changes.
+    ``base_processor`` re-tokenises the prompts for a base with another text tokenizer (default: the rollout's prompt
+    ids are used as they are).
     """
-    sampling = sampling or rollout.sampling
+    sampling = dataclasses.replace(sampling or rollout.sampling, top_k=0)
     audio_channels = rollout.audio_channels
     policy_output = decoder_logits(policy, rollout.prompt_ids, rollout.prompt_mask, rollout.grid, sampling.guided)
     log_dist = sampling_log_dist(policy_output, sampling, audio_channels)

@@ -4,7 +4,9 @@ against KL and against step) for several runs."""
 from __future__ import annotations
 
 import json
+import math
 import os
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -31,11 +33,14 @@ def results_markdown(results: dict[str, Any]) -> str:
             f"| {name} | {r['mean_a']:.4g} {interval(r['ci95_a'])} | {r['mean_b']:.4g} {interval(r['ci95_b'])} | "
             f"{r['wins']} / {r['ties']} / {r['losses']} | {r['win_rate']:.2f} | {r['wilcoxon_p']:.3g} |"
         )
+    if any(r["wins"] + r["losses"] == 0 for r in results["rewards"].values()):
+        lines += ["", "A reward with no decisive prompt (all ties) has win rate 0.50 and p = 1 by convention."]
     lines += ["", "| drift and diversity | A | B |", "|---|---|---|"]
     kl = results["kl_to_base"]
     if kl:
+        before_cut = " before the top-k cut" if results.get("sampling", {}).get("top_k") else ""
         lines.append(
-            f"| KL to base (nats per clip) | {kl['a']:.4g} {interval(kl['ci95_a'])} | "
+            f"| KL to base (nats per clip{before_cut}) | {kl['a']:.4g} {interval(kl['ci95_a'])} | "
             f"{kl['b']:.4g} {interval(kl['ci95_b'])} |"
         )
     div_a, div_b = results["diversity"]["a"], results["diversity"]["b"]
@@ -120,14 +125,38 @@ def plot_results(results: dict[str, Any], output_dir: str) -> list[str]:
     return paths
 
 
+def _finite_or_null(value: Any, path: str, replaced: list[str]) -> Any:
+    """``value`` with every NaN or infinite float replaced by None (JSON ``null``); their paths go to ``replaced``."""
+    if isinstance(value, float) and not math.isfinite(value):
+        replaced.append(path)
+        return None
+    if isinstance(value, dict):
+        return {
+            key: _finite_or_null(item, f"{path}.{key}" if path else str(key), replaced) for key, item in value.items()
+        }
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_null(item, f"{path}[{index}]", replaced) for index, item in enumerate(value)]
+    return value
+
+
 def write_results(results: dict[str, Any], output_dir: str) -> dict[str, str]:
     """Write ``results.json``, ``results.md`` and the plots of :func:`plot_results` to ``output_dir``; returns
-    their paths by kind."""
+    their paths by kind.
+
+    ``results.json`` is strict JSON (``NaN`` and ``Infinity`` are not JSON, and most parsers refuse them): a
+    non-finite number is written as ``null`` and its path listed under ``"non_finite"``, with a warning.
+    """
     os.makedirs(output_dir, exist_ok=True)
-    serialisable = {key: value for key, value in results.items() if not key.startswith("_")}
+    replaced: list[str] = []
+    serialisable = _finite_or_null(
+        {key: value for key, value in results.items() if not key.startswith("_")}, "", replaced
+    )
+    if replaced:
+        serialisable["non_finite"] = replaced
+        warnings.warn(f"results hold non-finite values, written as null: {', '.join(replaced)}", stacklevel=2)
     paths = {"json": os.path.join(output_dir, "results.json"), "markdown": os.path.join(output_dir, "results.md")}
     with open(paths["json"], "w") as f:
-        json.dump(serialisable, f, indent=2)
+        json.dump(serialisable, f, indent=2, allow_nan=False)
     with open(paths["markdown"], "w") as f:
         f.write(results_markdown(results))
     for path in plot_results(results, output_dir):
