@@ -551,3 +551,44 @@ def test_prompts_from_text_files_and_datasets(tmp_path):
     assert load_prompts(dataset) == ["a", "b"]
     with pytest.raises(ValueError, match="no 'caption' column"):
         load_prompts(str(tmp_path / "saved"), column="caption")
+
+
+def test_any_local_file_that_is_not_a_data_file_holds_one_prompt_a_line(tmp_path):
+    for name in ("prompts", "prompts.TXT", "prompts.lst", "prompts.prompts.v2"):
+        (tmp_path / name).write_text("calm piano\n\n  deep bass  \n")
+        assert load_prompts(tmp_path / name) == ["calm piano", "deep bass"], name
+    Dataset.from_dict({"prompt": ["a", "b"]}).to_json(str(tmp_path / "PROMPTS.JSONL"))
+    assert load_prompts(str(tmp_path / "PROMPTS.JSONL")) == ["a", "b"]  # data files by extension, in any case
+    (tmp_path / "blank").write_text("\n   \n")
+    with pytest.raises(ValueError, match="no prompts in"):
+        load_prompts(str(tmp_path / "blank"))
+    (tmp_path / "latin1.lst").write_bytes("caf\xe9 jazz\n".encode("latin-1"))
+    with pytest.raises(ValueError, match="is not UTF-8 text.*save it as UTF-8"):
+        load_prompts(str(tmp_path / "latin1.lst"))
+
+
+def test_unreadable_prompt_sources_are_value_errors_naming_the_fix(tmp_path, monkeypatch):
+    import datasets
+    from huggingface_hub import constants
+
+    for missing in (tmp_path / "nope.txt", "nope.txt", "./prompts", tmp_path / "prompts.jsonl"):
+        with pytest.raises(ValueError, match="there is no file or folder .* pass a text file with one prompt a line"):
+            load_prompts(str(missing))
+    (tmp_path / "broken.json").write_text("{not json\n")
+    with pytest.raises(ValueError, match="could not read prompts from .*broken.json") as error:
+        load_prompts(str(tmp_path / "broken.json"))
+    assert error.value.__cause__ is not None  # the datasets error stays attached
+    # A Hub id while offline (the tests run with HF_HUB_OFFLINE=1), then one the Hub does not know.
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(ValueError, match="HF_HUB_OFFLINE=1 forbids downloading it: unset HF_HUB_OFFLINE"):
+        load_prompts("some-org/prompts")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+
+    def not_on_the_hub(*args, **kwargs):
+        raise datasets.exceptions.DatasetNotFoundError("Dataset 'some-org/prompts' doesn't exist on the Hub")
+
+    monkeypatch.setattr(datasets, "load_dataset", not_on_the_hub)
+    with pytest.raises(ValueError, match="could not be read as a Hub dataset id: check the id and your connection"):
+        load_prompts("some-org/prompts")
+    with pytest.raises(ValueError, match="prompts must be"):
+        load_prompts(42)
