@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 
 import torch
 from accelerate import PartialState
-from datasets import Dataset, load_dataset
+from datasets import Dataset
 from transformers import MusicgenForConditionalGeneration, MusicgenProcessor
 from trl import ModelConfig, TrlParser, get_peft_config
 
@@ -44,8 +44,9 @@ from musicrl_trl import MusicPPOConfig, MusicPPOTrainer
 from musicrl_trl.cli import (
     PPO_FIELDS_THAT_MATTER,
     apply_recipe_defaults,
-    explicit_options,
+    configured_options,
     layout_help,
+    load_any_dataset,
     option_value,
     own_fields,
     parse_name_values,
@@ -57,7 +58,12 @@ from musicrl_trl.loading import ModelLoadingError, load_pretrained
 from musicrl_trl.lora import MUSICGEN_LORA_TARGET_MODULES
 from musicrl_trl.quantization import musicgen_quantization_config
 from musicrl_trl.reward_models import LoudnessReward
-from musicrl_trl.reward_models.combination import check_recipe_models, load_recipe, rewards_from_recipe
+from musicrl_trl.reward_models.combination import (
+    MODEL_KWARGS,
+    check_recipe_models,
+    load_recipe,
+    rewards_from_recipe,
+)
 from musicrl_trl.testing import tiny_musicgen
 
 DEMO_PROMPTS = [
@@ -107,6 +113,19 @@ class ScriptArguments:
 
 
 # Inherited fields whose TrainingArguments/ModelConfig help does not say what they do in this script.
+# Defaults of the offline demo (no policy given anywhere): 300 updates of 16 clips of 0.34 s, about a minute on an
+# idle 2-core CPU. Batch 16 halves the variance of the per-update mean reward of batch 8, and a small learning rate
+# spreads the rise over the run instead of spending it in the first updates, so that with the default kl_coef the
+# last quarter's mean loudness reward lies 6.1-8.3 standard deviations of the first quarter's rewards above it, for
+# each of seeds 0-6 (at lr 2e-3 over 100 updates one seed in seven learned inside the first quarter and showed 2.7).
+# Each applies only where neither a flag, a --config file nor the recipe sets that field.
+DEMO_TRAINING = {
+    "total_episodes": 16 * 300,
+    "per_device_train_batch_size": 16,
+    "response_length": 20,
+    "learning_rate": 5e-4,
+}
+
 HELP_TEXTS = {
     "save_steps": "Save a checkpoint (policy, value network, optimizer, RNG) every N updates; given alone it implies "
     "--save_strategy steps. (default: 500, used only with --save_strategy steps)",
@@ -135,13 +154,16 @@ def parse_arguments(argv: list[str] | None = None) -> tuple[ScriptArguments, Mus
         ],
         help_texts=HELP_TEXTS,
     )
-    recipe_path = option_value(argv, "--recipe")
+    recipe_path = option_value(argv, "--recipe", parser)
     recipe = load_recipe(recipe_path) if recipe_path else None
+    chosen = configured_options(parser, argv, recipe)  # by flag, --config file or recipe
+    if "model_name_or_path" not in chosen:
+        # The offline demo's defaults, below everything a user chose (set first: later defaults override them).
+        parser.set_defaults_with_config(**{key: value for key, value in DEMO_TRAINING.items() if key not in chosen})
     if recipe is not None:
         apply_recipe_defaults(parser, recipe)
-    given = explicit_options(parser, argv)
-    if "save_steps" in given and "save_strategy" not in given:
-        parser.set_defaults_with_config(save_strategy="steps")  # `--save_steps N` alone used to save nothing
+    if "save_steps" in chosen and "save_strategy" not in chosen:
+        parser.set_defaults_with_config(save_strategy="steps")  # `save_steps: N` alone used to save nothing
     script_args, training_args, model_args = parser.parse_args_and_config(argv)
     if model_args.use_peft and not model_args.lora_target_modules:
         model_args.lora_target_modules = list(MUSICGEN_LORA_TARGET_MODULES)
@@ -164,6 +186,12 @@ def check_models(script_args: ScriptArguments, model_args: ModelConfig, recipe: 
     overrides = reward_overrides(script_args, recipe)
     try:
         check_recipe_models(recipe or {"reward_models": [], "name": "this run"}, models, **overrides)
+        problems = [problem for role, path in models.items() if (problem := musicgen_folder_problem(role, path))]
+        if problems:
+            raise ModelLoadingError(
+                f"{len(problems)} model(s) of this run cannot be loaded (nothing was loaded yet):\n- "
+                + "\n- ".join(problems)
+            )
     except ModelLoadingError as error:
         raise ModelLoadingError(
             f"{error}\nPoint the policy elsewhere with --model_name_or_path, the anchor with --ref_model, and a "
@@ -171,16 +199,70 @@ def check_models(script_args: ScriptArguments, model_args: ModelConfig, recipe: 
         ) from None
 
 
+def musicgen_folder_problem(role: str, path: str | None) -> str | None:
+    """What keeps a local folder from being loaded as a MusicGen policy (its processor too) or anchor, else None."""
+    if path is None or not os.path.isdir(path):
+        return None  # Hub ids were resolved by check_recipe_models
+    if os.path.isfile(os.path.join(path, "adapter_config.json")):
+        merged = os.path.join(path, "merged")
+        return (
+            f"{role}: {path!r} holds a LoRA adapter (adapter_config.json), not a full MusicGen. Start from its merged "
+            f"weights ({merged!r}, written by a --use_peft run with --save_merged_lora, the default), or from the "
+            "adapter's base model."
+        )
+    if role == "policy":
+        # transformers 5 writes processor_config.json, older versions preprocessor_config.json.
+        needed = {"feature extractor": ("processor_config.json", "preprocessor_config.json"),
+                  "tokenizer": ("tokenizer_config.json", "tokenizer.json")}  # fmt: skip
+        missing = [
+            f"{part} ({' or '.join(names)})"
+            for part, names in needed.items()
+            if not any(os.path.isfile(os.path.join(path, name)) for name in names)
+        ]
+        if missing:
+            return (
+                f"{role}: {path!r} has no MusicGen processor (no {', no '.join(missing)}), which the policy needs "
+                "for its prompts and audio. Save one beside the model: `MusicgenProcessor.from_pretrained("
+                f"'facebook/musicgen-small').save_pretrained({path!r})` (or the processor it was trained with)."
+            )
+    return None
+
+
 def reward_overrides(script_args: ScriptArguments, recipe: dict | None) -> dict[str, dict[str, str]]:
-    """`--reward_model NAME=PATH` as per-reward keyword overrides, NAME checked against the recipe's rewards."""
-    models = parse_name_values(script_args.reward_model, "--reward_model")
-    if models and recipe is None:
+    """`--reward_model NAME=PATH` (the model) and `NAME.KEY=PATH` (its `tokenizer` or `processor`) as per-reward
+    keyword overrides, NAME checked against the recipe's rewards.
+
+    A model folder that holds its own tokenizer (a token-space preference model saved by train_reward_model.py)
+    replaces the recipe's `tokenizer` too: the recipe's names the tokenizer of the recipe's model."""
+    values = parse_name_values(script_args.reward_model, "--reward_model")
+    if values and recipe is None:
         raise ValueError("--reward_model changes a recipe's reward models: pass --recipe as well.")
-    names = [entry.get("name") for entry in (recipe or {}).get("reward_models", [])]
-    unknown = sorted(set(models) - set(names))
-    if unknown:
-        raise ValueError(f"--reward_model: the recipe has no reward named {unknown}; its rewards are {names}.")
-    return {name: {"model": path} for name, path in models.items()}
+    entries = {entry.get("name"): entry for entry in (recipe or {}).get("reward_models", [])}
+    overrides: dict[str, dict[str, str]] = {}
+    for key, value in values.items():
+        name, _, kwarg = key.partition(".")
+        if name not in entries:
+            raise ValueError(
+                f"--reward_model: the recipe has no reward named {name!r}; its rewards are {list(entries)}."
+            )
+        if kwarg not in ("", *MODEL_KWARGS):
+            raise ValueError(
+                f"--reward_model {key}=...: a reward's {kwarg!r} cannot be set here; use NAME=PATH for its model or "
+                f"NAME.KEY=PATH with KEY one of {[k for k in MODEL_KWARGS if k != 'model']}."
+            )
+        overrides.setdefault(name, {})[kwarg or "model"] = value
+    for name, kwargs in overrides.items():
+        recipe_kwargs = entries[name].get("kwargs") or {}
+        model = kwargs.get("model")
+        if model and "tokenizer" in recipe_kwargs and "tokenizer" not in kwargs and has_tokenizer(model):
+            kwargs["tokenizer"] = model
+    return overrides
+
+
+def has_tokenizer(folder: str) -> bool:
+    return os.path.isdir(folder) and any(
+        os.path.isfile(os.path.join(folder, name)) for name in ("tokenizer_config.json", "tokenizer.json")
+    )
 
 
 def load_policy(model_args: ModelConfig):
@@ -214,9 +296,27 @@ def load_policy(model_args: ModelConfig):
 def load_prompts(script_args: ScriptArguments) -> Dataset:
     if script_args.dataset_name is None:
         return Dataset.from_dict({"prompt": DEMO_PROMPTS * 4})
-    dataset = load_dataset(script_args.dataset_name, split=script_args.dataset_split)
-    if script_args.prompt_column != "prompt":
-        dataset = dataset.rename_column(script_args.prompt_column, "prompt")
+    return prompt_split(script_args.dataset_name, script_args.dataset_split, script_args, "--dataset_name")
+
+
+def prompt_split(name: str, split: str, script_args: ScriptArguments, flag: str) -> Dataset:
+    """One split's prompts (column `prompt`) from a Hub id, a dataset folder or a data file (a .txt file: one prompt a
+    line), with errors that name the flag, the missing split or column, and the fix."""
+    splits = load_any_dataset(name, what=flag)
+    if split not in splits:
+        raise ValueError(f"{flag} {name!r} has no split {split!r}; its splits are {list(splits)}.")
+    dataset = splits[split]
+    column = script_args.prompt_column
+    if column == "prompt" and name.lower().endswith(".txt") and os.path.isfile(name):
+        column = "text"  # a text file's lines: blank ones are spacing, not prompts
+        dataset = dataset.filter(lambda text: bool(text.strip()), input_columns="text")
+    if column not in dataset.column_names:
+        raise ValueError(
+            f"{flag} {name!r} has no column {column!r}; its columns are {dataset.column_names}. Name the prompt "
+            "column with --prompt_column."
+        )
+    if column != "prompt":
+        dataset = dataset.rename_column(column, "prompt")
     return dataset.select_columns(["prompt"])
 
 
@@ -227,10 +327,8 @@ def load_eval_prompts(script_args: ScriptArguments, training_args: MusicPPOConfi
     name = script_args.eval_dataset_name or script_args.dataset_name
     if name is None:
         return Dataset.from_dict({"prompt": DEMO_PROMPTS})
-    dataset = load_dataset(name, split=script_args.eval_dataset_split)
-    if script_args.prompt_column != "prompt":
-        dataset = dataset.rename_column(script_args.prompt_column, "prompt")
-    return dataset.select_columns(["prompt"])
+    flag = "--eval_dataset_name" if script_args.eval_dataset_name else "--dataset_name (for evaluation)"
+    return prompt_split(name, script_args.eval_dataset_split, script_args, flag)
 
 
 def load_rewards(script_args: ScriptArguments, model_args: ModelConfig):
@@ -273,37 +371,25 @@ def main():
     script_args, training_args, model_args, recipe = parse_arguments()
     if training_args.output_dir in (None, "trainer_output"):
         training_args.output_dir = os.path.join("outputs", "ppo_musicrl")
-    offline_demo = model_args.model_name_or_path is None
-    if offline_demo and "--total_episodes" not in sys.argv:
-        # Demo defaults: 300 updates of 16 clips of 0.34 s, about a minute on an idle 2-core CPU. Batch 16 halves the
-        # variance of the per-update mean reward of batch 8, and a small learning rate spreads the rise over the run
-        # instead of spending it in the first updates, so that with the default kl_coef the last quarter's mean
-        # loudness reward lies 6.1-8.3 standard deviations of the first quarter's rewards above it, for each of seeds
-        # 0-6 (at lr 2e-3 over 100 updates one seed in seven learned inside the first quarter and showed 2.7).
-        training_args.total_episodes = 16 * 300
-        training_args.per_device_train_batch_size = 16
-        training_args.response_length = 20
-        if "--learning_rate" not in sys.argv:
-            training_args.learning_rate = 5e-4
 
     try:
         check_models(script_args, model_args, recipe)
         resume = resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir)
+        train_dataset = load_prompts(script_args)
+        eval_dataset = load_eval_prompts(script_args, training_args)
     except (ModelLoadingError, ValueError) as error:
         sys.exit(f"error: {error}")
-    if training_args.should_save:
-        write_run_config(training_args.output_dir, script=script_args, training=training_args, model=model_args)
 
     model, processor = load_policy(model_args)
-    train_dataset = load_prompts(script_args)
     rewards, weights, ref_model = load_rewards(script_args, model_args)
     if weights is not None and training_args.reward_weights is None:
         training_args.reward_weights = weights
-
     peft_config = get_peft_config(model_args)
     if peft_config is not None and training_args.lora_value_trunk is None:
         # A LoRA run trains the separate value network through the same adapters (not a full decoder copy).
         training_args.lora_value_trunk = True
+    if training_args.should_save:  # every setting is final now, the reward weights and LoRA value trunk included
+        write_run_config(training_args.output_dir, script=script_args, training=training_args, model=model_args)
 
     start = time.time()
     trainer = MusicPPOTrainer(
@@ -313,7 +399,7 @@ def main():
         ref_model=ref_model,
         reward_model=rewards,
         train_dataset=train_dataset,
-        eval_dataset=load_eval_prompts(script_args, training_args),
+        eval_dataset=eval_dataset,
         peft_config=peft_config,
     )
     trainer.train(resume_from_checkpoint=resume)

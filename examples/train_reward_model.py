@@ -57,13 +57,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
+from datasets import Dataset, DatasetDict
 from transformers import AutoConfig, PreTrainedModel
 from trl import TrlParser
 
 from musicrl_trl import AudioRewardConfig, AudioRewardTrainer, MusicRewardConfig, MusicRewardModel
+from musicrl_trl.cli import load_any_dataset
 from musicrl_trl.distributed import end_distributed_run
-from musicrl_trl.loading import ModelLoadingError, is_local_path, resolve_pretrained
+from musicrl_trl.loading import ModelLoadingError, resolve_pretrained
 from musicrl_trl.trainers.reward_trainer import SOURCE_ROW_COLUMN
 
 BACKBONE_TYPES = ("clap", "audio-spectrogram-transformer")
@@ -201,21 +202,6 @@ def tiny_reward_model(text_conditioned: bool, seed: int = 0) -> MusicRewardModel
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def load_any_dataset(script_args: ScriptArguments) -> DatasetDict:
-    """A Hub id, a saved dataset folder, any other folder (e.g. audiofolder) or a single data file."""
-    name = script_args.dataset_name
-    extension = os.path.splitext(name)[1].lstrip(".")
-    if not os.path.exists(name) and (extension in ("json", "jsonl", "csv", "parquet") or is_local_path(name)):
-        raise FileNotFoundError(f"dataset: the local path {name!r} does not exist (working directory: {os.getcwd()}).")
-    if os.path.isfile(name) and extension in ("json", "jsonl", "csv", "parquet"):
-        return load_dataset("json" if extension == "jsonl" else extension, data_files={"train": name})
-    if os.path.isdir(name) and os.path.exists(os.path.join(name, "dataset_dict.json")):
-        return load_from_disk(name)
-    if os.path.isdir(name) and os.path.exists(os.path.join(name, "state.json")):  # one Dataset (musicrl-app export)
-        return DatasetDict({"train": load_from_disk(name)})
-    return load_dataset(name, script_args.dataset_config)
-
-
 def to_trainer_columns(dataset: Dataset, script_args: ScriptArguments, mode: str) -> Dataset:
     """Rename (or, for A/B votes, derive) the columns the trainer reads; resolve relative audio paths."""
     args = script_args
@@ -312,7 +298,7 @@ def main(script_args: ScriptArguments, training_args: AudioRewardConfig) -> dict
             max(64, script_args.num_synthetic // 4), script_args.clip_seconds, seed=training_args.seed + 1
         )
     else:
-        dataset = number_rows(load_any_dataset(script_args))
+        dataset = number_rows(load_any_dataset(script_args.dataset_name, script_args.dataset_config))
         train_dataset = to_trainer_columns(dataset[script_args.dataset_train_split], script_args, mode)
         if script_args.dataset_test_split is not None:
             eval_dataset = to_trainer_columns(dataset[script_args.dataset_test_split], script_args, mode)

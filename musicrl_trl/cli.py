@@ -27,7 +27,10 @@ from transformers import TrainingArguments
 __all__ = [
     "PPO_FIELDS_NOT_USED",
     "apply_recipe_defaults",
+    "config_file_options",
+    "configured_options",
     "explicit_options",
+    "load_any_dataset",
     "layout_help",
     "option_value",
     "own_fields",
@@ -85,29 +88,63 @@ PPO_FIELDS_THAT_MATTER = (
 def explicit_options(parser: argparse.ArgumentParser, argv: Sequence[str]) -> set[str]:
     """The ``dest`` of every option present in ``argv`` (``--name``, ``--name=value``, dashed aliases, and the unique
     abbreviations argparse accepts)."""
-    by_option = parser._option_string_actions
     given = set()
     for token in argv:
-        if not token.startswith("--") or token == "--":
-            continue
-        option = token.split("=", 1)[0]
-        action = by_option.get(option)
-        if action is None and parser.allow_abbrev:
-            matches = {a for name, a in by_option.items() if name.startswith(option)}
-            action = matches.pop() if len(matches) == 1 else None
+        action = _resolve_option(parser, token.split("=", 1)[0])
         if action is not None:
             given.add(action.dest)
     return given
 
 
-def option_value(argv: Sequence[str], option: str) -> str | None:
-    """The value of ``--option VALUE`` or ``--option=VALUE`` in ``argv`` (before the full parse), else ``None``."""
+def option_value(argv: Sequence[str], option: str, parser: argparse.ArgumentParser | None = None) -> str | None:
+    """The value of ``--option VALUE`` or ``--option=VALUE`` in ``argv`` (before the full parse), else ``None``.
+
+    With ``parser``, the unique abbreviations argparse accepts count too (``--rec r.yaml`` for ``--recipe``), so that
+    a value argparse will use is never missed here."""
+    target = parser._option_string_actions.get(option) if parser is not None else None
     for index, token in enumerate(argv):
-        if token == option and index + 1 < len(argv):
+        name, sep, value = token.partition("=")
+        if name != option and not (target is not None and _resolve_option(parser, name) is target):
+            continue
+        if sep:
+            return value
+        if index + 1 < len(argv):
             return argv[index + 1]
-        if token.startswith(option + "="):
-            return token.split("=", 1)[1]
     return None
+
+
+def _resolve_option(parser: argparse.ArgumentParser, option: str) -> argparse.Action | None:
+    """The action argparse runs for ``option`` (exact, or a unique abbreviation), else ``None``."""
+    if not option.startswith("--") or option == "--":
+        return None
+    by_option = parser._option_string_actions
+    action = by_option.get(option)
+    if action is None and parser.allow_abbrev:
+        matches = {a for name, a in by_option.items() if name.startswith(option)}
+        action = matches.pop() if len(matches) == 1 else None
+    return action
+
+
+def config_file_options(argv: Sequence[str]) -> set[str]:
+    """The fields a ``--config`` YAML file in ``argv`` sets (TrlParser reads it; the exact flag only, as TRL)."""
+    if "--config" not in argv or argv.index("--config") + 1 >= len(argv):
+        return set()
+    import yaml
+
+    with open(argv[argv.index("--config") + 1], encoding="utf-8") as handle:
+        config = yaml.safe_load(handle)
+    return {key for key in config if key != "env"} if isinstance(config, dict) else set()
+
+
+def configured_options(parser: argparse.ArgumentParser, argv: Sequence[str], recipe: Mapping | None) -> set[str]:
+    """Every field a user chose, wherever: on the command line, in a ``--config`` file, or in the recipe (its
+    ``training:`` block and ``model_name_or_path``). A script's own defaults apply to the other fields only."""
+    chosen = explicit_options(parser, argv) | config_file_options(argv)
+    if recipe is not None:
+        chosen |= set(recipe.get("training") or {})
+        if recipe.get("model_name_or_path"):
+            chosen.add("model_name_or_path")
+    return chosen
 
 
 def apply_recipe_defaults(parser: Any, recipe: Mapping[str, Any]) -> None:
@@ -226,3 +263,55 @@ def write_run_config(output_dir: str, **configs: Any) -> str:
     with open(path, "w", encoding="utf-8") as handle:
         json.dump(payload, handle, indent=2, default=str)
     return path
+
+
+DATA_FILE_BUILDERS = {"json": "json", "jsonl": "json", "csv": "csv", "parquet": "parquet", "txt": "text"}
+
+
+def load_any_dataset(name: str, config: str | None = None, what: str = "--dataset_name") -> Any:
+    """A ``DatasetDict`` from a Hub dataset id, a saved dataset folder (``save_to_disk``, or one ``Dataset`` as
+    ``musicrl-app export`` writes it), any other folder (``audiofolder``, data files) or a single
+    ``.json``/``.jsonl``/``.csv``/``.parquet``/``.txt`` file (a text file: one row a line, column ``text``).
+
+    A missing local path, or an id that cannot be fetched (offline, unreachable, unknown), is a ``ValueError``
+    that names ``what`` and the fix, raised before anything is downloaded or built."""
+    from datasets import DatasetDict, load_dataset, load_from_disk
+
+    from .loading import is_local_path
+
+    extension = os.path.splitext(name)[1].lstrip(".").lower()
+    if not os.path.exists(name) and (extension in DATA_FILE_BUILDERS or is_local_path(name)):
+        raise ValueError(f"{what}: the local path {name!r} does not exist (working directory: {os.getcwd()}).")
+    if os.path.isfile(name):
+        if extension not in DATA_FILE_BUILDERS:
+            raise ValueError(
+                f"{what}: cannot read {name!r}: a single data file must end in "
+                f"{', '.join('.' + e for e in DATA_FILE_BUILDERS)} (or pass a dataset folder or a Hub id)."
+            )
+        return load_dataset(DATA_FILE_BUILDERS[extension], data_files={"train": name})
+    if os.path.isdir(name) and os.path.exists(os.path.join(name, "dataset_dict.json")):
+        return load_from_disk(name)
+    if os.path.isdir(name) and os.path.exists(os.path.join(name, "state.json")):
+        return DatasetDict({"train": load_from_disk(name)})
+    from datasets.exceptions import DatasetNotFoundError
+
+    if os.path.isdir(name):
+        return load_dataset(name, config)  # a folder of data files or audio (audiofolder): datasets' own errors
+    try:
+        return load_dataset(name, config)
+    except DatasetNotFoundError as error:
+        raise ValueError(
+            f"{what}: there is no local path {name!r} (working directory: {os.getcwd()}) and the Hub has no dataset "
+            f"of that name ({error}). Check the id, or log in for a private one (`hf auth login`)."
+        ) from None
+    except (ConnectionError, OSError) as error:  # datasets' offline and unreachable errors are ConnectionErrors
+        offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
+        fix = (
+            "HF_HUB_OFFLINE=1 forbids downloading it: unset HF_HUB_OFFLINE, or pass a local file or folder"
+            if offline
+            else "check the connection (or HF_ENDPOINT), or pass a local file or folder"
+        )
+        raise ValueError(
+            f"{what}: {name!r} is not a local path (working directory: {os.getcwd()}) and the dataset cannot be "
+            f"loaded from the Hub ({type(error).__name__}: {error}); {fix}."
+        ) from None

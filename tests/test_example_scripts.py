@@ -238,3 +238,99 @@ def test_corrupt_row_is_reported_with_its_row_in_the_users_file(tmp_path):
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert "Row 5 of the dataset (in the " in result.stderr
     assert "column 'rejected': file not found: audio/5_b.wav" in result.stderr
+
+
+def test_demo_defaults_yield_to_the_recipe_a_config_file_and_equals_flags(tmp_path):
+    """No policy anywhere (the tiny demo): the demo's batch, length, episodes and learning rate apply only to fields
+    that no flag (also `--flag=value` and abbreviations), `--config` file or recipe sets; `save_steps` from a recipe
+    implies `save_strategy: steps`; a .txt file gives one prompt a line; run_config.json holds the final settings."""
+    recipe = tmp_path / "short.yaml"
+    recipe.write_text(
+        LOUDNESS_RECIPE + "  total_episodes: 8\n  per_device_train_batch_size: 4\n  save_steps: 1\n"
+    )
+    (tmp_path / "config.yaml").write_text("kl_coef: 0.03\n")
+    (tmp_path / "prompts.txt").write_text("calm piano\n\nloud drums\nsoft strings\n")
+    flags = ["--rec", recipe, "--config", "config.yaml", "--learning_rate=1e-3", "--dataset_name", "prompts.txt"]
+    result = ok(run([PPO, *flags, "--report_to", "none", "--output_dir", "out"], tmp_path))
+    training = run_config(tmp_path / "out")["training"]
+    assert (training["total_episodes"], training["per_device_train_batch_size"]) == (8, 4)  # the recipe's
+    assert training["response_length"] == 8 and training["temperature"] == 0.5  # the recipe's, not the demo's 20
+    assert training["learning_rate"] == 1e-3  # the flag's, not the demo's 5e-4
+    assert training["kl_coef"] == 0.03  # the config file's, above the recipe's 0.01
+    assert training["save_strategy"] == "steps" and (tmp_path / "out" / "checkpoint-2").is_dir()
+    assert training["reward_weights"] == [1.0]  # recorded after the recipe's rewards were built
+    assert "2 updates" in result.stdout
+
+
+def test_a_token_space_preference_model_replaces_the_recipes_with_its_own_tokenizer(tmp_path):
+    """MusicRL-U's recipe names facebook/musicgen-small's tokenizer; a local token-space model saved with its own
+    tokenizer runs offline with `--reward_model preference=PATH` alone."""
+    from transformers import MusicgenForConditionalGeneration, MusicgenProcessor
+
+    from musicrl_trl.reward_models.token_preference import MusicTokenPreferenceModel
+
+    save_tiny_musicgen(tmp_path / "tiny-musicgen")
+    token_rm = MusicTokenPreferenceModel.from_musicgen(
+        MusicgenForConditionalGeneration.from_pretrained(tmp_path / "tiny-musicgen")
+    )
+    token_rm.save_pretrained(tmp_path / "token-rm")
+    MusicgenProcessor.from_pretrained(tmp_path / "tiny-musicgen").tokenizer.save_pretrained(tmp_path / "token-rm")
+    clip = ["--audio_duration_s", "0.2", "--total_episodes", "8", *SMALL]
+    ok(run([PPO, "--recipe", RECIPES / "musicrl_u.yaml", "--model_name_or_path", "tiny-musicgen",
+            "--reward_model", "preference=token-rm", *clip, "--output_dir", "u"], tmp_path))  # fmt: skip
+    assert run_config(tmp_path / "u")["script"]["reward_model"] == ["preference=token-rm"]
+    # NAME.KEY=PATH names the tokenizer explicitly; an unknown key is refused with the keys it takes.
+    ok(run([PPO, "--recipe", RECIPES / "musicrl_u.yaml", "--model_name_or_path", "tiny-musicgen",
+            "--reward_model", "preference=token-rm", "preference.tokenizer=tiny-musicgen", *clip,
+            "--output_dir", "u2"], tmp_path))  # fmt: skip
+    result = run([PPO, "--recipe", RECIPES / "musicrl_u.yaml", "--reward_model", "preference.window=3"], tmp_path)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "--reward_model preference.window=...: a reward's 'window' cannot be set here" in result.stderr
+
+
+def test_bad_policy_folders_and_datasets_are_named_before_loading(tmp_path):
+    save_tiny_musicgen(tmp_path / "tiny")
+    (tmp_path / "no-processor").mkdir()
+    for name in ("config.json", "generation_config.json", "model.safetensors"):
+        shutil.copy(tmp_path / "tiny" / name, tmp_path / "no-processor" / name)
+    adapter = tmp_path / "lora-run"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA"}))
+    cases = {
+        ("--model_name_or_path", "no-processor"): "policy: 'no-processor' has no MusicGen processor (no feature "
+        "extractor (processor_config.json or preprocessor_config.json), no tokenizer",
+        ("--model_name_or_path", "lora-run"): "policy: 'lora-run' holds a LoRA adapter (adapter_config.json), not a "
+        "full MusicGen. Start from its merged weights ('lora-run/merged'",
+        ("--dataset_name", "missing.jsonl"): "--dataset_name: the local path 'missing.jsonl' does not exist",
+        ("--dataset_name", "nobody/prompts"): "--dataset_name: 'nobody/prompts' is not a local path (working "
+        f"directory: {tmp_path}) and the dataset cannot be loaded from the Hub",
+    }
+    for flags, expected in cases.items():
+        result = run([PPO, *flags, "--output_dir", "out"], tmp_path)
+        assert result.returncode != 0 and "Traceback" not in result.stderr, (flags, result.stderr[-2000:])
+        assert expected in result.stderr, (flags, result.stderr[-2000:])
+    (tmp_path / "prompts.jsonl").write_text(json.dumps({"text": "calm piano"}) + "\n")
+    result = run([PPO, "--dataset_name", "prompts.jsonl", "--output_dir", "out"], tmp_path)
+    assert "--dataset_name 'prompts.jsonl' has no column 'prompt'; its columns are ['text']" in result.stderr
+    assert "--prompt_column" in result.stderr and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "flags, expected",
+    [
+        (["--model_name_or_path", "./missing-rm"], "starting model (--model_name_or_path): the local path "
+         "'./missing-rm' does not exist"),
+        (["--model_name_or_path", "truncated"], "is corrupt or truncated"),
+        (["--model_name_or_path", "nobody/no-such-clap"], "HF_HUB_OFFLINE=1 forbids downloading it"),
+        (["--dataset_name", "missing.jsonl"], "--dataset_name: the local path 'missing.jsonl' does not exist"),
+        (["--dataset_name", "nobody/votes"], "--dataset_name: 'nobody/votes' is not a local path"),
+    ],
+)  # fmt: skip
+def test_train_reward_model_names_bad_models_and_datasets(tmp_path, flags, expected):
+    save_tiny_clap(tmp_path / "truncated")
+    weights = tmp_path / "truncated" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    result = run([TRAIN_RM, *flags, "--report_to", "none", "--output_dir", "out"], tmp_path)
+    assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert expected in result.stderr, result.stderr[-2000:]
+    assert not (tmp_path / "out" / "model.safetensors").exists()

@@ -702,7 +702,7 @@ class AudioRewardTrainer(CrashSafeCheckpointsMixin, Trainer):
         if not self.args.skip_corrupt_rows:
             more = f" ({len(bad) - 1} more corrupt rows follow.)" if len(bad) > 1 else ""
             raise ValueError(
-                f"Row {rows[0]} {where}, {errors[bad[0]]} Or set skip_corrupt_rows=True to skip such rows.{more}"
+                f"Row {rows[0]} {where}, {errors[bad[0]]} Or set skip_corrupt_rows=True (the scripts' --skip_corrupt_rows) to skip such rows.{more}"
             )
         logger.warning("Skipping %d corrupt rows %s, e.g. row %d: %s", len(bad), where, rows[0], errors[bad[0]])
         self.skipped_rows[name] = rows
