@@ -265,7 +265,7 @@ def has_tokenizer(folder: str) -> bool:
     )
 
 
-def load_policy(model_args: ModelConfig):
+def load_policy(model_args: ModelConfig, allow_pickle_weights: bool = False):
     # --load_in_4bit / --load_in_8bit quantize the decoder layers only (text encoder, codec and LM heads stay in full
     # precision; TRL's get_quantization_config would quantize the text encoder and miss MusicGen's module names).
     quantization = musicgen_quantization_config(
@@ -278,6 +278,7 @@ def load_policy(model_args: ModelConfig):
         MusicgenForConditionalGeneration.from_pretrained,
         model_args.model_name_or_path,
         "policy",
+        allow_pickle_weights=allow_pickle_weights,  # --allow_pickle_weights (MusicPPOConfig): refused by default
         revision=model_args.model_revision,
         quantization_config=quantization,
         # Quantized weights load straight onto this rank's GPU (one full copy per rank under DDP).
@@ -288,6 +289,7 @@ def load_policy(model_args: ModelConfig):
         MusicgenProcessor.from_pretrained,
         model_args.model_name_or_path,
         "processor",
+        allow_pickle_weights=allow_pickle_weights,
         revision=model_args.model_revision,
     )
     return model, processor
@@ -380,8 +382,11 @@ def main():
     except (ModelLoadingError, ValueError) as error:
         sys.exit(f"error: {error}")
 
-    model, processor = load_policy(model_args)
-    rewards, weights, ref_model = load_rewards(script_args, model_args)
+    try:  # what only loading can find (e.g. pickle-only weights, refused without --allow_pickle_weights)
+        model, processor = load_policy(model_args, training_args.allow_pickle_weights)
+        rewards, weights, ref_model = load_rewards(script_args, model_args)
+    except ModelLoadingError as error:
+        sys.exit(f"error: {error}")
     if weights is not None and training_args.reward_weights is None:
         training_args.reward_weights = weights
     peft_config = get_peft_config(model_args)

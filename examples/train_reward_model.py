@@ -242,13 +242,15 @@ def to_trainer_columns(dataset: Dataset, script_args: ScriptArguments, mode: str
     return dataset
 
 
-def load_model(script_args: ScriptArguments, mode: str) -> PreTrainedModel | str:
+def load_model(script_args: ScriptArguments, mode: str, allow_pickle_weights: bool = False) -> PreTrainedModel | str:
     """The model to train: a new head on a CLAP/AST encoder, or a name the trainer loads itself."""
     name = resolve_pretrained(script_args.model_name_or_path, "starting model (--model_name_or_path)")
     model_type = AutoConfig.from_pretrained(name).model_type
     if model_type.startswith(BACKBONE_TYPES):
         text_vocab_size = 384 if script_args.text_conditioned else 0
-        return MusicRewardModel.from_backbone(name, text_vocab_size=text_vocab_size)
+        return MusicRewardModel.from_backbone(
+            name, text_vocab_size=text_vocab_size, allow_pickle_weights=allow_pickle_weights
+        )
     return name  # a saved reward model, or a MusicGen checkpoint (the token-space model)
 
 
@@ -288,7 +290,7 @@ def main(script_args: ScriptArguments, training_args: AudioRewardConfig) -> dict
         text_conditioned = script_args.text_conditioned or (synthetic and mode == "pairwise")
         model = tiny_reward_model(text_conditioned, seed=training_args.seed)
     else:
-        model = load_model(script_args, mode)
+        model = load_model(script_args, mode, training_args.allow_pickle_weights)
 
     # Dataset
     if synthetic:

@@ -353,3 +353,37 @@ def test_models_load_with_use_safetensors_and_processors_without_it(tmp_path):
     # A processor would keep use_safetensors and write it into its tokenizer_config.json: it gets none.
     load_pretrained(MusicgenProcessor.from_pretrained, folder, "policy").save_pretrained(tmp_path / "saved")
     assert "use_safetensors" not in (tmp_path / "saved" / "tokenizer_config.json").read_text()
+
+
+def test_trainers_refuse_pickled_checkpoints_unless_their_config_allows(tmp_path):
+    from datasets import Dataset
+
+    from musicrl_trl import AudioRewardConfig, AudioRewardTrainer, MusicPPOConfig, MusicPPOTrainer
+    from musicrl_trl.testing import save_tiny_musicgen
+
+    policy = str(to_pickle_weights(save_tiny_musicgen(tmp_path / "policy")))
+    prompts = Dataset.from_dict({"prompt": ["calm piano", "loud drums"]})
+
+    def ppo(**config):
+        args = MusicPPOConfig(
+            output_dir=str(tmp_path / "ppo"), per_device_train_batch_size=2, total_episodes=2, response_length=8,
+            report_to=[], **config,
+        )  # fmt: skip
+        loudness = lambda audio, **kwargs: audio.pow(2).mean((1, 2))  # noqa: E731
+        return MusicPPOTrainer(args, None, policy, reward_model=loudness, train_dataset=prompts)
+
+    with pytest.raises(ModelLoadingError, match=f"^policy: '{policy}' {PICKLE_ONLY}"):
+        ppo()
+    assert ppo(allow_pickle_weights=True).args.allow_pickle_weights
+
+    rm = str(to_pickle_weights(save_tiny_music_reward(tmp_path / "rm")))
+    clips = [{"array": [0.1] * 1600, "sampling_rate": 16_000}] * 4
+    ratings = Dataset.from_dict({"audio": clips, "mos": [1.0, 2.0, 3.0, 4.0]})
+
+    def reward(**config):
+        args = AudioRewardConfig(output_dir=str(tmp_path / "rm-out"), report_to=[], **config)
+        return AudioRewardTrainer(rm, args, train_dataset=ratings)
+
+    with pytest.raises(ModelLoadingError, match=f"^reward model to train: '{rm}' {PICKLE_ONLY}"):
+        reward()
+    assert reward(allow_pickle_weights=True).model.config.model_type == "music_reward"

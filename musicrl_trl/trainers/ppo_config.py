@@ -99,6 +99,9 @@ class MusicPPOConfig(PPOConfig):
             to `<output_dir>/merged` so that `pipeline("text-to-audio", model=...)` loads it directly.
         plot_training_curves (`bool`, defaults to `True`): write `training_curves.png` (reward against KL and
             against step) and `log_history.json` to `output_dir` at the end of training.
+        allow_pickle_weights (`bool`, defaults to `False`): when `model` or `ref_model` is an id or path, also load
+            a checkpoint whose weights are pickles only (`pytorch_model.bin`); refused by default, since unpickling
+            can run arbitrary code. Only for sources you trust.
 
     Parameters that control publishing (`push_to_hub`, see `musicrl_trl.hub`):
         push_lora (`"adapter"`, `"merged"` or `"both"`, defaults to `"both"`): what a LoRA policy's repo holds: the
@@ -227,6 +230,13 @@ class MusicPPOConfig(PPOConfig):
     )
     plot_training_curves: bool = field(
         default=True, metadata={"help": "Write training_curves.png and log_history.json at the end of training."}
+    )
+    allow_pickle_weights: bool = field(
+        default=False,
+        metadata={
+            "help": "Load a model or ref_model id/path whose weights are pickles only (pytorch_model.bin); refused "
+            "by default, since unpickling can run arbitrary code. Only for sources you trust."
+        },
     )
 
     # Publishing

@@ -309,11 +309,18 @@ class MusicPPOTrainer(CrashSafeCheckpointsMixin, PPOTrainer):
         if not isinstance(args, MusicPPOConfig):
             raise TypeError(f"args must be a MusicPPOConfig, got {type(args).__name__}.")
         self._capture_hub_sources(model, ref_model)  # before a path is loaded or a temporary folder disappears
+        pickles = args.allow_pickle_weights
         if isinstance(model, str):
-            processing_class = processing_class or load_pretrained(MusicgenProcessor.from_pretrained, model, "policy")
-            model = load_pretrained(MusicgenForConditionalGeneration.from_pretrained, model, "policy")
+            processing_class = processing_class or load_pretrained(
+                MusicgenProcessor.from_pretrained, model, "policy", allow_pickle_weights=pickles
+            )
+            model = load_pretrained(
+                MusicgenForConditionalGeneration.from_pretrained, model, "policy", allow_pickle_weights=pickles
+            )
         if isinstance(ref_model, str):
-            ref_model = load_pretrained(MusicgenForConditionalGeneration.from_pretrained, ref_model, "KL anchor")
+            ref_model = load_pretrained(
+                MusicgenForConditionalGeneration.from_pretrained, ref_model, "KL anchor", allow_pickle_weights=pickles
+            )
         if processing_class is None:
             raise ValueError("processing_class is required: pass the model's MusicgenProcessor.")
         self._check_dataset(train_dataset, "train_dataset")

@@ -25,6 +25,9 @@ class AudioRewardConfig(TrainingArguments):
 
         model_init_kwargs (`dict[str, Any]`, *optional*):
             Keyword arguments for `from_pretrained`, used when the trainer's `model` is a string.
+        allow_pickle_weights (`bool`, *optional*, defaults to `False`):
+            Also load a `model` id/path whose weights are pickles only (`pytorch_model.bin`); refused by default,
+            since unpickling can run arbitrary code. Only for sources you trust.
         disable_dropout (`bool`, *optional*, defaults to `True`):
             Whether to disable dropout in the model (`nn.Dropout` modules and the float dropout rates MusicGen and
             T5 keep as attributes), so that the chosen and rejected clips of a pair see the same network.
@@ -96,6 +99,13 @@ class AudioRewardConfig(TrainingArguments):
     model_init_kwargs: dict[str, Any] | str | None = field(
         default=None,
         metadata={"help": "Keyword arguments for `from_pretrained`, used when the trainer's `model` is a string."},
+    )
+    allow_pickle_weights: bool = field(
+        default=False,
+        metadata={
+            "help": "Load a model id/path whose weights are pickles only (pytorch_model.bin); refused by default, "
+            "since unpickling can run arbitrary code. Only for sources you trust."
+        },
     )
     disable_dropout: bool = field(
         default=True,

@@ -65,7 +65,7 @@ from transformers.trainer_utils import EvalPrediction
 
 from .. import hub
 from ..audio import MAX_SAMPLING_RATE, MIN_SAMPLING_RATE, check_sampling_rate, resample
-from ..loading import resolve_pretrained
+from ..loading import load_pretrained, resolve_pretrained
 from ..reward_models.modeling_music_reward import MusicRewardModel
 from ..reward_models.token_preference import MusicTokenPreferenceModel
 from .checkpointing import CrashSafeCheckpointsMixin
@@ -443,14 +443,18 @@ def disable_dropout(model: nn.Module) -> None:
 def _load_model(name: str, args: AudioRewardConfig) -> PreTrainedModel:
     """A reward model from a checkpoint id/path: a MusicGen checkpoint gives the token-space preference model."""
     kwargs = dict(args.model_init_kwargs or {})
-    name = resolve_pretrained(name, "reward model to train")  # a missing path or corrupt weights, said plainly
+    what, pickles = "reward model to train", args.allow_pickle_weights
+    name = resolve_pretrained(name, what)  # a missing path or corrupt weights, said plainly
     model_type = PreTrainedConfig.get_config_dict(name)[0].get("model_type")
     if model_type == "musicgen":
-        return MusicTokenPreferenceModel.from_musicgen(name, **kwargs)
+        return MusicTokenPreferenceModel.from_musicgen(name, allow_pickle_weights=pickles, **kwargs)
     if model_type == MusicTokenPreferenceModel.config_class.model_type:
-        return MusicTokenPreferenceModel.from_pretrained(name, **kwargs)
-    kwargs.setdefault("num_labels", 1)
-    return AutoModelForAudioClassification.from_pretrained(name, **kwargs)
+        load = MusicTokenPreferenceModel.from_pretrained
+    else:
+        load = AutoModelForAudioClassification.from_pretrained
+        kwargs.setdefault("num_labels", 1)
+    # load_pretrained refuses pickle-only weights unless allowed (from_pretrained would silently unpickle them).
+    return load_pretrained(load, name, what, allow_pickle_weights=pickles, **kwargs)
 
 
 class AudioRewardTrainer(CrashSafeCheckpointsMixin, Trainer):
@@ -702,7 +706,8 @@ class AudioRewardTrainer(CrashSafeCheckpointsMixin, Trainer):
         if not self.args.skip_corrupt_rows:
             more = f" ({len(bad) - 1} more corrupt rows follow.)" if len(bad) > 1 else ""
             raise ValueError(
-                f"Row {rows[0]} {where}, {errors[bad[0]]} Or set skip_corrupt_rows=True (the scripts' --skip_corrupt_rows) to skip such rows.{more}"
+                f"Row {rows[0]} {where}, {errors[bad[0]]} Or set skip_corrupt_rows=True (the scripts' "
+                f"--skip_corrupt_rows) to skip such rows.{more}"
             )
         logger.warning("Skipping %d corrupt rows %s, e.g. row %d: %s", len(bad), where, rows[0], errors[bad[0]])
         self.skipped_rows[name] = rows
