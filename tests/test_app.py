@@ -389,7 +389,7 @@ def test_export_round_trip_into_audio_reward_trainer(tmp_path):
 
     # examples/train_reward_model.py --dataset_name DIR reads the exported folder as its train split.
     example = _load_example("train_reward_model")
-    loaded = example.load_any_dataset(example.ScriptArguments(dataset_name=str(out)))
+    loaded = example.load_any_dataset(str(out))
     assert loaded["train"].num_rows == len(dataset)
 
     torch.manual_seed(0)

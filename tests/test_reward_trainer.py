@@ -342,7 +342,8 @@ def test_example_maps_ab_votes_from_a_jsonl_file(tmp_path):
         winner_column="vote",
         tie_values="tie",
     )
-    dataset = example.to_trainer_columns(example.load_any_dataset(script_args)["train"], script_args, "pairwise")
+    votes = example.load_any_dataset(script_args.dataset_name)["train"]
+    dataset = example.to_trainer_columns(votes, script_args, "pairwise")
     assert dataset["prompt"] == ["tune 0", "tune 1", "tune 2", "tune 4"]  # "both_bad" is neither a win nor a tie
     assert [os.path.basename(path) for path in dataset["chosen"]] == ["a0.wav", "b1.wav", "a2.wav", "b4.wav"]
     assert [os.path.basename(path) for path in dataset["rejected"]] == ["b0.wav", "a1.wav", "b2.wav", "a4.wav"]
