@@ -11,8 +11,9 @@ diversity (token entropy per codebook, mean pairwise distance of clip embeddings
         --num_samples_per_prompt 4 --audio_duration_s 10 --guidance_scale 3 --output_dir eval-musicrl-r
 
 Policies and the base are local paths or Hub ids, full models or LoRA adapters (a directory with
-adapter_config.json loads on its base model). `--prompts` is a text file with one prompt a line, or a dataset (Hub id,
-`save_to_disk` directory or .json/.jsonl/.csv/.parquet file) with a `prompt` column. Rewards: `loudness`,
+adapter_config.json loads on its base model). `--prompts` is a text file with one prompt a line (any file that is not
+a data file), or a dataset (Hub id, `save_to_disk` directory or .json/.jsonl/.csv/.parquet/.arrow file) with a `prompt`
+column. Rewards: `loudness`,
 `brightness`, `silence` (signal rewards), `adherence=PATH_OR_ID` (CLAP), `quality=PATH_OR_ID`,
 `preference=PATH_OR_ID` (MusicRewardModel heads). The KL reference `--base_model` defaults to policy B.
 
@@ -31,6 +32,7 @@ from transformers import HfArgumentParser
 
 from musicrl_trl.audio import save_audio
 from musicrl_trl.evaluation import evaluate_policies, load_prompts, results_markdown, write_results
+from musicrl_trl.loading import ModelLoadingError
 from musicrl_trl.rollout import SamplingConfig
 
 
@@ -123,7 +125,7 @@ def main():
             keep_audio=args.num_audio_examples,
             progress=lambda label, done, total: print(f"{label}: {done}/{total} prompts", flush=True),
         )
-    except ValueError as error:  # bad input found before sampling: say what and how to fix it, no traceback
+    except (ValueError, ModelLoadingError) as error:  # bad input found before sampling: what and how to fix it
         raise SystemExit(f"error: {error}") from error
     paths = write_results(results, args.output_dir)
     if args.num_audio_examples > 0:

@@ -31,6 +31,7 @@ from musicrl_trl.evaluation import (
     write_results,
 )
 from musicrl_trl.evaluation import compare as evaluation_compare
+from musicrl_trl.loading import ModelLoadingError
 from musicrl_trl.metrics import CLAP_SCORE, WIN_RATE
 from musicrl_trl.reward_models import LoudnessReward, TextAdherenceReward
 from musicrl_trl.rollout import SamplingConfig, generate_rollout, teacher_forced_logprobs
@@ -394,8 +395,13 @@ def test_bad_input_fails_before_any_sampling(tmp_path, base_dir, no_sampling):
         evaluate_policies(base_dir, base_dir, PROMPTS, ["loudnes"], response_length=10)
     with pytest.raises(ValueError, match="needs a model"):
         evaluate_policies(base_dir, base_dir, PROMPTS, ["adherence"], response_length=10)
-    with pytest.raises(ValueError, match="could not load the policy"):
+    with pytest.raises(ValueError, match="policy_a: the local path .*nowhere' does not exist") as error:
         evaluate_policies(str(tmp_path / "nowhere"), base_dir, PROMPTS, ["loudness"], response_length=10)
+    assert isinstance(error.value.__cause__, ModelLoadingError)
+    (tmp_path / "half-saved").mkdir()
+    (tmp_path / "half-saved" / "generation_config.json").write_text("{}")
+    with pytest.raises(ValueError, match="base_model: the folder .* holds neither config.json nor adapter_config"):
+        evaluate_policies(base_dir, base_dir, PROMPTS, ["loudness"], base_model=str(tmp_path / "half-saved"))
     with pytest.raises(ValueError, match="too short"):
         evaluate_policies(base_dir, base_dir, PROMPTS, ["loudness"], response_length=2)
 

@@ -75,6 +75,31 @@ def test_evaluate_example_rejects_bad_input_before_sampling(tmp_path):
     assert not (tmp_path / "eval").exists()
 
 
+@pytest.mark.slow
+def test_evaluate_example_reports_missing_and_broken_inputs_without_a_traceback(tmp_path):
+    policy = save_tiny_musicgen(tmp_path / "a")
+    empty_folder = tmp_path / "interrupted-save"
+    empty_folder.mkdir()
+    prompts = tmp_path / "prompts.lst"  # any text file holds one prompt a line, whatever its extension
+    prompts.write_text("deep dark bass\n")
+    cases = [
+        (["--policy_a", tmp_path / "missing"], f"error: policy_a: the local path '{tmp_path / 'missing'}' does not"),
+        (["--policy_a", empty_folder], "error: policy_a: the folder"),
+        (["--policy_b", tmp_path / "gone"], "error: policy_b: the local path"),
+        (["--prompts", tmp_path / "nope.txt"], f"error: there is no file or folder '{tmp_path / 'nope.txt'}'"),
+    ]
+    for override, message in cases:
+        flags = {"--policy_a": policy, "--policy_b": policy, "--prompts": prompts}
+        flags.update(dict(zip(override[::2], override[1::2])))
+        args = [value for pair in flags.items() for value in pair]
+        result = run("evaluate_musicrl.py", *args, "--reward", "loudness", "--response_length", "10",
+                      "--output_dir", tmp_path / "eval")  # fmt: skip
+        assert result.returncode == 1, (override, result.stderr[-2000:])
+        assert message in result.stderr, (override, result.stderr[-2000:])
+        assert "Traceback" not in result.stderr
+        assert not (tmp_path / "eval").exists()
+
+
 def test_plot_runs_draws_several_runs_on_one_figure(tmp_path):
     runs = []
     for name, slope in (("musicrl-r", 0.02), ("musicrl-u", 0.01)):

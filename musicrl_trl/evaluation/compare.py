@@ -15,13 +15,14 @@ import numpy as np
 import torch
 
 from .. import codebooks
+from ..loading import ModelLoadingError, resolve_pretrained
 from ..rollout import SamplingConfig, generate_rollout, resolve_num_steps, unwrap_musicgen
 from .diversity import LogMelEmbedding, RewardModelEmbedding, diversity
 from .drift import entropy_per_codebook, kl_per_clip
 from .loading import check_compatible, load_policy, load_prompts, load_reward
 from .statistics import bootstrap_ci, paired_comparison
 
-__all__ = ["PolicySamples", "compare_policies", "evaluate_policies", "sample_policy"]
+__all__ = ["PolicySamples", "check_policy_source", "compare_policies", "evaluate_policies", "sample_policy"]
 
 
 @dataclass
@@ -195,6 +196,8 @@ def evaluate_policies(
     processors = processors or {}
     if num_samples_per_prompt < 1:
         raise ValueError(f"num_samples_per_prompt must be >= 1, got {num_samples_per_prompt}.")
+    for source, what in ((policy_a, "policy_a"), (policy_b, "policy_b"), (base_model, "base_model")):
+        check_policy_source(source, what)
     prompt_list = load_prompts(prompts)
     if isinstance(rewards, dict):
         reward_funcs = dict(rewards)
@@ -282,6 +285,33 @@ def evaluate_policies(
     if keep_audio:
         results["_samples"] = {"a": samples_a, "b": samples_b}
     return results
+
+
+def check_policy_source(source: Any, what: str) -> None:
+    """Raise ``ValueError`` (a :class:`~musicrl_trl.loading.ModelLoadingError` as its cause) naming ``what``, the
+    problem and the fix when the policy path or Hub id ``source`` cannot be loaded: a missing path, a file, corrupt
+    safetensors, a Hub id that is offline and not cached or unknown (:func:`~musicrl_trl.loading.resolve_pretrained`),
+    or a folder that holds no saved model (neither ``config.json`` nor a LoRA ``adapter_config.json``). Fast: nothing
+    is loaded. Models passed as objects and ``None`` pass."""
+    if not isinstance(source, (str, os.PathLike)):
+        return
+    hint = (
+        f"Pass as {what} a MusicGen checkpoint: a folder or Hub id, a full model or a LoRA adapter saved by "
+        "MusicPPOTrainer."
+    )
+    try:
+        resolved = resolve_pretrained(source, what, hint)
+        # resolve_pretrained only checks that the path exists; a folder without a config (an interrupted save, the
+        # wrong folder) would reach from_pretrained, which fails with unrelated shape-mismatch or missing-file errors.
+        if os.path.isdir(resolved) and not any(
+            os.path.isfile(os.path.join(resolved, name)) for name in ("config.json", "adapter_config.json")
+        ):
+            raise ModelLoadingError(
+                f"{what}: the folder {os.fspath(source)!r} holds neither config.json nor adapter_config.json, so it "
+                f"is not a saved model (an interrupted save, or the wrong folder?). {hint}"
+            )
+    except ModelLoadingError as error:
+        raise ValueError(str(error)) from error
 
 
 def _describe(policy: Any) -> str:
