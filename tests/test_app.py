@@ -7,6 +7,8 @@ import json
 import math
 import os
 import sqlite3
+import subprocess
+import sys
 import tarfile
 import tempfile
 import time
@@ -548,6 +550,27 @@ def test_cli_make_pool_add_rater_and_serve_checks(tmp_path, capsys):
     assert len(pool.pairs("evaluate")) == 2 * 4 and len(pool.pairs("collect")) == 2 * 6
     assert cli.main(argv) == 2  # never overwrites a pool
     assert "exists" in capsys.readouterr().err
+    # A policy that cannot be loaded is named with the problem and the fix, before anything is written.
+    (tmp_path / "half-saved").mkdir()
+    broken = [
+        (tmp_path / "gone", f"policy_b: the local path '{tmp_path / 'gone'}' does not exist"),
+        (tmp_path / "half-saved", f"policy_b: the folder '{tmp_path / 'half-saved'}' holds no config.json"),
+    ]
+    for policy_b_path, problem in broken:
+        bad = ["make-pool", "--policy", policy, "--policy_b", str(policy_b_path), "--prompts", str(prompts)]
+        assert cli.main([*bad, "--clips_per_prompt", "1", "--out", str(tmp_path / "bad-pool")]) == 2
+        assert f"musicrl-app make-pool: {problem}" in capsys.readouterr().err
+        assert not (tmp_path / "bad-pool").exists()
+    # The console script says the same without a traceback.
+    from app_helpers import ROOT, subprocess_env
+
+    missing = ["make-pool", "--policy", str(tmp_path / "gone"), "--prompts", str(prompts), "--clips_per_prompt", "1"]
+    result = subprocess.run(
+        [sys.executable, "-m", "musicrl_trl.app", *missing, "--out", str(tmp_path / "bad-pool")],
+        capture_output=True, text=True, timeout=300, env=subprocess_env(), cwd=ROOT, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert f"musicrl-app make-pool: policy: the local path '{tmp_path / 'gone'}' does not exist" in result.stderr
 
     db = tmp_path / "app.sqlite"
     assert cli.main(["add-rater", "--db", str(db), "ana"]) == 0

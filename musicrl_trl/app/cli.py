@@ -76,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from ..loading import ModelLoadingError  # an OSError: a policy that cannot be loaded, with the fix in its message
+
     args = build_parser().parse_args(argv)
     try:
         if args.command == "make-pool":
@@ -138,7 +140,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             report = write_report(args.db, args.out)
             pairs = len(report["comparisons"])
             print(f"{report['votes']} evaluation votes, {pairs} system pairs: {args.out}/report.md")
-    except (ValueError, FileNotFoundError, FileExistsError) as error:
+    except (ValueError, FileNotFoundError, FileExistsError, ModelLoadingError) as error:
         print(f"musicrl-app {args.command}: {error}", file=sys.stderr)
         return 2
     return 0

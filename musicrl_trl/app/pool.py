@@ -155,6 +155,9 @@ def _system_name(policy: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-.") or "policy"
 
 
+_POLICY_HINT = "Pass --{flag} a MusicGen checkpoint: a folder saved with save_pretrained, or a Hub id."
+
+
 def make_pool(
     policies: Sequence[str],
     prompts: Sequence[str],
@@ -179,11 +182,16 @@ def make_pool(
         systems: names recorded per policy (default: the folder or repository name).
         guidance_scale, temperature, top_k: sampling; default: each policy's own ``generation_config`` (what
             ``model.generate`` does with it; a policy saved by ``MusicPPOTrainer`` carries its training sampling).
+
+    Raises :class:`~musicrl_trl.loading.ModelLoadingError` naming ``policy`` / ``policy_b``, the problem and the fix
+    for a policy that cannot be loaded (missing path, corrupt weights, no config.json, offline and not cached), before
+    anything is written.
     """
     import torch
     from transformers import MusicgenForConditionalGeneration, MusicgenProcessor
 
     from ..audio import save_audio
+    from ..loading import ModelLoadingError, load_pretrained, resolve_pretrained
     from ..rollout import SamplingConfig, generate_rollout
 
     if not 1 <= len(policies) <= 2:
@@ -202,13 +210,27 @@ def make_pool(
     root = Path(out)
     if (root / POOL_FILE).exists():
         raise FileExistsError(f"{root / POOL_FILE} exists: make each pool in a new folder.")
+    # Every policy is checked before anything is written or sampled: a missing path, corrupt weights or an offline
+    # Hub id fail with musicrl_trl.loading's messages, and a folder without config.json (which from_pretrained
+    # reports as missing weights, or loads with a default config) says so.
+    flags = ["policy", "policy_b"]
+    for policy, flag in zip(policies, flags):
+        hint = _POLICY_HINT.format(flag=flag)
+        source = resolve_pretrained(policy, flag, hint)
+        if os.path.isdir(source) and not os.path.isfile(os.path.join(source, "config.json")):
+            raise ModelLoadingError(
+                f"{flag}: the folder {policy!r} holds no config.json, so it is not a saved model (an interrupted "
+                f"save, or the wrong folder?). {hint}"
+            )
     (root / "clips").mkdir(parents=True, exist_ok=True)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
 
     lines = []
-    for policy, system in zip(policies, systems):
-        model = MusicgenForConditionalGeneration.from_pretrained(policy).to(device).eval()
-        processor = MusicgenProcessor.from_pretrained(policy)
+    for policy, system, flag in zip(policies, systems, flags):
+        hint = _POLICY_HINT.format(flag=flag)
+        model = load_pretrained(MusicgenForConditionalGeneration.from_pretrained, policy, flag, hint)
+        model = model.to(device).eval()
+        processor = load_pretrained(MusicgenProcessor.from_pretrained, policy, flag, hint)
         config = model.generation_config
         sampling = SamplingConfig(
             guidance_scale=guidance_scale if guidance_scale is not None else (config.guidance_scale or 1.0),
