@@ -8,7 +8,8 @@ during RL stay there. Shape letters used throughout:
 
 Audio is ``[B, C, N]`` float in [-1, 1] with an explicit ``sampling_rate``; codes are ``[B, K, T]`` int64.
 
-I/O goes through ``soundfile``: torchaudio 2.11 (the last torchaudio release) no longer ships its own loaders.
+I/O goes through ``soundfile`` and resampling through :mod:`musicrl_trl.dsp` (pure torch): torchaudio stopped at 2.11,
+which no longer ships its own loaders and fails to load beside newer torch.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from typing import Any, Literal
 
 import soundfile as sf
 import torch
-import torchaudio
+
+from .dsp import Resample
 
 __all__ = [
     "MIN_SAMPLING_RATE",
@@ -104,19 +106,18 @@ def check_audio(audio: Any, owner: str = "audio") -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=32)
-def _resampler(
-    orig_freq: int, new_freq: int, device: torch.device, dtype: torch.dtype
-) -> torchaudio.transforms.Resample:
-    # torchaudio's functional resample rebuilds its windowed-sinc kernel on every call; the transform keeps it as a
-    # buffer, so one cached transform per (rates, device, dtype) makes repeated reward calls cheap.
-    return torchaudio.transforms.Resample(orig_freq, new_freq, dtype=dtype).to(device)
+def _resampler(orig_freq: int, new_freq: int, device: torch.device, dtype: torch.dtype) -> Resample:
+    # The functional `dsp.resample` rebuilds its windowed-sinc kernel on every call; the module keeps it as a buffer,
+    # so one cached module per (rates, device, dtype) makes repeated reward calls cheap.
+    return Resample(orig_freq, new_freq, dtype=dtype).to(device)
 
 
 def resample(audio: torch.Tensor, orig_sampling_rate: int, new_sampling_rate: int) -> torch.Tensor:
     """Resample ``audio`` ``[..., N]`` from ``orig_sampling_rate`` to ``new_sampling_rate`` on its own device.
 
-    Windowed-sinc (Hann) interpolation as in ``torchaudio.functional.resample``; a no-op (the same tensor) when the
-    rates are equal. The output has ``ceil(N * new / orig)`` samples. Differentiable.
+    Windowed-sinc (Hann) interpolation with :class:`musicrl_trl.dsp.Resample` (torchaudio's algorithm in pure
+    torch); a no-op (the same tensor) when the rates are equal. The output has ``ceil(N * new / orig)`` samples.
+    Differentiable.
 
     >>> resample(torch.zeros(2, 1, 32_000), 32_000, 16_000).shape
     torch.Size([2, 1, 16000])

@@ -8,9 +8,9 @@ import os
 
 import pytest
 import torch
-import torchaudio
 from transformers import ClapModel, ClapProcessor
 
+from musicrl_trl import dsp
 from musicrl_trl.audio import resample
 from musicrl_trl.reward_models import (
     BrightnessReward,
@@ -153,10 +153,10 @@ def test_scores_return_on_the_audio_device_and_accept_codes(all_rewards):
 
 
 def _hand_adherence(clap_dir: str, prompt: str, clip: torch.Tensor, rate: int, windows_s: list[tuple[float, float]]):
-    """CLAP cosine per window the slow, obvious way: torchaudio resample, slicing, ClapFeatureExtractor, mean."""
+    """CLAP cosine per window the slow, obvious way: functional resample, slicing, ClapFeatureExtractor, mean."""
     model = ClapModel.from_pretrained(clap_dir).eval()
     processor = ClapProcessor.from_pretrained(clap_dir)
-    mono_48k = torchaudio.functional.resample(clip.mean(0), rate, 48_000)
+    mono_48k = dsp.resample(clip.mean(0), rate, 48_000)
     with torch.no_grad():
         text = model.get_text_features(**processor.tokenizer([prompt], return_tensors="pt")).pooler_output[0]
         cosines = []

@@ -8,8 +8,9 @@ not be. These functions reproduce the extractors' deterministic paths in torch:
   mel filters, 10 * log10) with "repeatpad" for short clips. Matches the extractor to ~1e-4 dB on inputs it treats
   deterministically (clips of at most ``max_length_s``); longer inputs are truncated to their first ``max_length_s``
   seconds instead of a random crop (the rewards cut long clips into windows before calling this).
-- :func:`ast_features`: ``ASTFeatureExtractor``'s Kaldi fbank (via ``torchaudio.compliance.kaldi``, as the extractor
-  itself does when torchaudio is installed), zero-padded or truncated to ``max_length`` frames, normalised.
+- :func:`ast_features`: ``ASTFeatureExtractor``'s Kaldi fbank (:func:`musicrl_trl.dsp.kaldi_fbank`, bit-identical to
+  the ``torchaudio.compliance.kaldi.fbank`` that the extractor calls when torchaudio is installed), zero-padded or
+  truncated to ``max_length`` frames, normalised.
 
 Shapes: B batch, N samples, M mel bins, F feature frames.
 """
@@ -21,7 +22,8 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
-import torchaudio
+
+from ..dsp import kaldi_fbank, melscale_fbanks
 
 __all__ = [
     "ClapFeatureSettings",
@@ -86,9 +88,8 @@ def _mel_filters(
     device: torch.device,
 ) -> torch.Tensor:
     # Cached per device: the filter bank is rebuilt otherwise on every reward call.
-    return torchaudio.functional.melscale_fbanks(
-        n_freqs, f_min, f_max, n_mels, sampling_rate, norm=norm, mel_scale=mel_scale
-    ).to(device)  # [n_freqs, M]
+    filters = melscale_fbanks(n_freqs, f_min, f_max, n_mels, sampling_rate, norm=norm, mel_scale=mel_scale)
+    return filters.to(device)  # [n_freqs, M]
 
 
 @functools.lru_cache(maxsize=16)
@@ -111,7 +112,7 @@ def log_mel_spectrogram(
     """Log-mel power spectrogram in dB of ``audio`` ``[B, N]`` -> ``[B, F, M]`` with ``F = 1 + N // hop_length``.
 
     Centred frames (reflect padding, as ``torch.stft(center=True)`` and transformers' ``spectrogram`` do), a periodic
-    Hann window of ``n_fft`` samples, power 2, mel filters from ``torchaudio.functional.melscale_fbanks``, then
+    Hann window of ``n_fft`` samples, power 2, mel filters from :func:`musicrl_trl.dsp.melscale_fbanks`, then
     ``10 * log10(max(mel, 1e-10))`` and an optional ``top_db`` floor per clip. Computed in float32 (float64 stays).
     """
     if audio.dim() != 2:
@@ -201,8 +202,8 @@ def ast_features(
         if clip.shape[-1] < 400:
             # Kaldi needs one full 25 ms frame; shorter clips are padded with silence to one frame.
             clip = torch.nn.functional.pad(clip, (0, 400 - clip.shape[-1]))
-        fbank = torchaudio.compliance.kaldi.fbank(
-            clip[None], sample_frequency=sampling_rate, window_type="hanning", num_mel_bins=num_mel_bins, dither=0.0
+        fbank = kaldi_fbank(
+            clip, sample_frequency=sampling_rate, window_type="hanning", num_mel_bins=num_mel_bins, dither=0.0
         )  # [F, M]
         fbank = fbank[:max_length]
         fbank = torch.nn.functional.pad(fbank, (0, 0, 0, max_length - fbank.shape[0]))
