@@ -26,12 +26,11 @@ import time
 import torch
 from datasets import Dataset
 from safetensors.torch import save_model
-from transformers import MusicgenForConditionalGeneration
-from trl.experimental.ppo import PPOTrainer
+from transformers import MusicgenForConditionalGeneration, Trainer
 
 from musicrl_trl.testing import tiny_musicgen, tiny_musicgen_config
 from musicrl_trl.trainers import MusicPPOConfig, MusicPPOTrainer
-from musicrl_trl.trainers.ppo_trainer import VALUE_WEIGHTS_NAME
+from musicrl_trl.trainers.value_model import VALUE_WEIGHTS_NAME
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_rollout import build_architecture  # noqa: E402
@@ -47,8 +46,10 @@ def mid_architecture():
 
 
 def save_before(trainer: MusicPPOTrainer) -> None:
-    """The previous MusicPPOTrainer._save_checkpoint: upstream save into checkpoint-N, then the value model."""
-    PPOTrainer._save_checkpoint(trainer, trainer.model, trial=None)
+    """The previous MusicPPOTrainer._save_checkpoint: the card, transformers' save straight into checkpoint-N, then the
+    value model."""
+    trainer.create_model_card()
+    Trainer._save_checkpoint(trainer, trainer.model, trial=None)
     checkpoint_dir = os.path.join(trainer.args.output_dir, f"checkpoint-{trainer.state.global_step}")
     save_model(
         trainer.accelerator.unwrap_model(trainer.model).value_model, os.path.join(checkpoint_dir, VALUE_WEIGHTS_NAME)

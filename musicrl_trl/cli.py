@@ -39,8 +39,9 @@ __all__ = [
     "write_run_config",
 ]
 
-#: TRL ``PPOConfig`` fields that ``MusicPPOTrainer`` never reads: settings of text generation and of TRL's own
-#: reward/SFT loading, and sizes TRL computes itself at start-up. ``--help`` hides them; setting them does nothing.
+#: TRL ``PPOConfig`` fields that ``MusicPPOTrainer`` never reads (settings of text generation and of TRL's own
+#: reward/SFT loading, refused by ``MusicPPOConfig`` when set) and the sizes the trainer computes at start-up.
+#: ``--help`` hides them.
 PPO_FIELDS_NOT_USED = (
     "sft_model_path",
     "reward_model_path",
@@ -49,10 +50,8 @@ PPO_FIELDS_NOT_USED = (
     "missing_eos_penalty",
     "whiten_rewards",
     "local_rollout_forward_batch_size",
-    "ds3_gather_for_generation",
     "dataset_num_proc",
     "num_sample_generations",
-    "exp_name",
     # computed from the batch sizes and the number of processes
     "world_size",
     "num_total_batches",

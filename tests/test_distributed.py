@@ -120,17 +120,24 @@ def test_accelerate_configs_load_and_say_when_to_use_them(name, distributed_type
 def test_under_deepspeed_rewards_stay_whole_and_the_anchor_goes_to_trl(monkeypatch):
     # DeepSpeed is not installed here: TRL's prepare_deepspeed is replaced by a recorder. What is tested is which
     # modules MusicPPOTrainer hands to it (the anchor) and which it keeps whole on the device (the rewards).
+    import types
+
     import torch
-    import trl.experimental.ppo.ppo_trainer as trl_ppo
+    import trl.models.utils
     from accelerate import Accelerator
 
-    from musicrl_trl.trainers import MusicPPOConfig
-    from musicrl_trl.trainers.ppo_trainer import RewardModules, _reuse_trl_ppo_init
+    from musicrl_trl.trainers.base import OnlineMusicTrainer
+    from musicrl_trl.trainers.ppo_trainer import RewardModules
 
     handed_to_deepspeed = []
-    monkeypatch.setattr(trl_ppo, "prepare_deepspeed", lambda model, accelerator: handed_to_deepspeed.append(model))
+
+    def recorder(model, accelerator):
+        handed_to_deepspeed.append(model)
+        return model
+
+    monkeypatch.setattr(trl.models.utils, "prepare_deepspeed", recorder)
     rewards, anchor = RewardModules([torch.nn.Linear(2, 1)]), torch.nn.Linear(2, 2)
-    with _reuse_trl_ppo_init(MusicPPOConfig(output_dir="unused", report_to=[])):
-        placed = trl_ppo.prepare_deepspeed(rewards, Accelerator(cpu=True))
-        trl_ppo.prepare_deepspeed(anchor, None)
-    assert placed is rewards and handed_to_deepspeed == [anchor]
+    trainer = types.SimpleNamespace(accelerator=Accelerator(cpu=True), is_deepspeed_enabled=True, ref_model=anchor)
+    OnlineMusicTrainer.place_anchor_and_rewards(trainer, rewards)
+    assert trainer.reward_model is rewards and not rewards.training and handed_to_deepspeed == [anchor]
+    assert not any(p.requires_grad for p in anchor.parameters())

@@ -8,13 +8,13 @@ import pytest
 import torch
 from datasets import Dataset
 from transformers import GenerationConfig, MusicgenForConditionalGeneration
-from trl.experimental.ppo.ppo_trainer import masked_mean
 
 from musicrl_trl import codebooks
 from musicrl_trl.rollout import SamplingConfig, decoder_logits, generate_rollout, unwrap_musicgen
 from musicrl_trl.testing import tiny_musicgen
 from musicrl_trl.trainers import MusicPPOConfig, MusicPPOTrainer
-from musicrl_trl.trainers.ppo_trainer import MusicPolicyAndValue
+from musicrl_trl.trainers.base import masked_mean
+from musicrl_trl.trainers.value_model import MusicPolicyAndValue
 
 PROMPTS = ["bright shimmering bells", "deep dark bass", "happy upbeat tune", "slow sad piano"]
 

@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from datasets import Dataset
@@ -242,3 +243,92 @@ def test_bad_input_gives_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="prompt 1 is empty"):
         MusicPPOTrainer(make_config(tmp_path), processor, model, reward_model=loudness,
                         train_dataset=Dataset.from_dict({"prompt": ["fine", " "] * 2})).train()
+
+
+def _metrics(trainer):
+    return [
+        {k: v for k, v in entry.items() if not k.startswith("timing/") and k != "eps"}
+        for entry in trainer.state.log_history
+        if "objective/scores" in entry
+    ]
+
+
+def test_one_seed_gives_one_run_with_ppo_epochs_and_mini_batches(tmp_path):
+    # Before, the mini-batch order came from NumPy's unseeded global generator: two runs with one seed differed.
+    def run(name, numpy_seed):
+        np.random.seed(numpy_seed)  # whatever the global generators hold, the run must not depend on it
+        torch.manual_seed(numpy_seed)
+        model, processor = tiny_musicgen()
+        args = make_config(
+            tmp_path, output_dir=str(tmp_path / name), per_device_train_batch_size=2, gradient_accumulation_steps=2,
+            num_mini_batches=2, num_ppo_epochs=2, lam=0.95,
+        )
+        trainer = MusicPPOTrainer(args, processor, model, reward_model=loudness, train_dataset=dataset())
+        trainer.train()
+        return _metrics(trainer), _snapshot(trainer.accelerator.unwrap_model(trainer.model))
+
+    (metrics_a, weights_a), (metrics_b, weights_b) = run("a", 1), run("b", 2)
+    assert len(metrics_a) == 2 and metrics_a == metrics_b
+    assert all(torch.equal(weights_a[name], weights_b[name]) for name in weights_a)
+
+
+def test_mini_batch_order_is_a_seeded_permutation_per_update_and_epoch(tmp_path):
+    model, processor = tiny_musicgen()
+    args = make_config(tmp_path, per_device_train_batch_size=8, num_mini_batches=4)
+    trainer = MusicPPOTrainer(args, processor, model, reward_model=loudness, train_dataset=dataset())
+    orders = {(u, e): trainer._mini_batch_order(u, e) for u in range(3) for e in range(3)}
+    for order in orders.values():
+        assert sorted(order.tolist()) == list(range(8))
+    assert len({tuple(order.tolist()) for order in orders.values()}) > 5  # not one fixed order
+    assert torch.equal(trainer._mini_batch_order(1, 2), orders[(1, 2)])  # a resumed run draws the same
+
+
+def test_batch_arithmetic_follows_trl_and_refuses_what_does_not_divide(tmp_path):
+    model, processor = tiny_musicgen()
+    args = make_config(tmp_path, per_device_train_batch_size=2, gradient_accumulation_steps=3, num_mini_batches=3,
+                       total_episodes=13)
+    MusicPPOTrainer(args, processor, model, reward_model=loudness, train_dataset=dataset())
+    assert (args.local_batch_size, args.batch_size, args.micro_batch_size) == (6, 6, 2)
+    assert (args.local_mini_batch_size, args.mini_batch_size, args.num_total_batches, args.world_size) == (2, 2, 3, 1)
+    with pytest.raises(ValueError, match="multiple of num_mini_batches"):
+        MusicPPOTrainer(make_config(tmp_path, per_device_train_batch_size=4, num_mini_batches=3), processor, model,
+                        reward_model=loudness, train_dataset=dataset())
+    with pytest.raises(ValueError, match="total_episodes must be >= 1"):
+        MusicPPOTrainer(make_config(tmp_path, total_episodes=-5), processor, model, reward_model=loudness,
+                        train_dataset=dataset())
+
+
+@pytest.mark.parametrize(
+    "field, value, hint",
+    [("sft_model_path", "my/sft", "model_name_or_path"), ("stop_token", "eos", "no stop token"),
+     ("whiten_rewards", True, "whiten_advantages"), ("num_sample_generations", 0, "eval_strategy"),
+     ("local_rollout_forward_batch_size", 8, "per_device_train_batch_size")],
+)
+def test_trl_text_fields_are_refused_with_what_to_use_instead(tmp_path, field, value, hint):
+    with pytest.raises(ValueError, match=rf"{field}=.*does not use this field.*{hint}"):
+        make_config(tmp_path, **{field: value})
+
+
+def test_trainer_stands_on_transformers_trainer_without_trl_experimental():
+    import pathlib
+    import re
+    import subprocess
+    import sys
+
+    from transformers import Trainer
+
+    import musicrl_trl
+
+    assert issubclass(MusicPPOTrainer, Trainer)
+    # No import of TRL's experimental API (the removed PPOTrainer) nor of torchaudio anywhere in the package (TRL may
+    # use its experimental modules internally; transformers <= 5.24 imports torchaudio when it is installed).
+    package = pathlib.Path(musicrl_trl.__file__).parent
+    sources = {path: path.read_text() for path in package.rglob("*.py")}
+    for module in (r"trl\.experimental", "torchaudio"):
+        pattern = re.compile(rf"^\s*(from|import) {module}", re.M)
+        assert not [str(path) for path, text in sources.items() if pattern.search(text)], module
+    # Importing the package does not print TRL's experimental-API warning.
+    code = "import musicrl_trl.trainers.ppo_trainer"
+    result = subprocess.run([sys.executable, "-W", "always", "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "Experimental" not in result.stderr

@@ -1,15 +1,46 @@
-"""Configuration of MusicPPOTrainer: TRL's PPOConfig with MusicRL's defaults and the music-specific fields."""
+"""Configuration of MusicPPOTrainer: TRL's PPO field names on ``transformers.TrainingArguments``, with MusicRL's
+defaults and the music-specific fields.
+
+TRL removed its ``PPOConfig`` with its ``PPOTrainer`` in 1.13 (huggingface/trl#7020). The fields keep the names and
+meanings TRL's PPO used (``kl_coef``, ``cliprange``, ``vf_coef``, ``num_mini_batches``, ``total_episodes``, ...), so
+recipes and flags written for it still work; its text-generation fields exist only to be refused with a clear error.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Literal
 
-from trl.experimental.ppo import PPOConfig
+from transformers import TrainingArguments
+
+#: TRL PPOConfig fields for text generation and TRL's own model loading, with TRL's defaults. MusicPPOTrainer reads
+#: none of them; they stay fields so that a recipe or flag that sets one gets an error naming it, not a silent no-op.
+UNUSED_TRL_PPO_FIELDS = {
+    "sft_model_path": ("EleutherAI/pythia-160m", "pass the policy as `model` (--model_name_or_path)"),
+    "reward_model_path": ("EleutherAI/pythia-160m", "pass reward functions as `reward_model` (--reward_model)"),
+    "stop_token": (None, "a rollout is always `response_length` decoder steps; MusicGen has no stop token"),
+    "stop_token_id": (None, "a rollout is always `response_length` decoder steps; MusicGen has no stop token"),
+    "missing_eos_penalty": (None, "a rollout is always `response_length` decoder steps; MusicGen has no stop token"),
+    "whiten_rewards": (False, "advantages are whitened with `whiten_advantages`"),
+    "local_rollout_forward_batch_size": (64, "rollouts are sampled per micro-batch of `per_device_train_batch_size`"),
+    "num_sample_generations": (10, "use `eval_strategy='steps'` with `eval_steps` and an `eval_dataset`"),
+    "dataset_num_proc": (None, "prompts need no preprocessing"),
+}
+
+#: Sizes the trainer computes from the batch settings and the number of processes (as TRL's PPOTrainer did).
+COMPUTED_BATCH_FIELDS = (
+    "world_size",
+    "num_total_batches",
+    "micro_batch_size",
+    "local_batch_size",
+    "batch_size",
+    "local_mini_batch_size",
+    "mini_batch_size",
+)
 
 
 @dataclass
-class MusicPPOConfig(PPOConfig):
+class MusicPPOConfig(TrainingArguments):
     r"""
     Configuration for [`MusicPPOTrainer`]. The defaults reproduce MusicRL (Cideron et al., 2024): KL-regularised
     REINFORCE with a learned value baseline, undiscounted returns, one gradient update per rollout batch, sampling at
@@ -77,6 +108,28 @@ class MusicPPOConfig(PPOConfig):
             undiscounted Monte-Carlo returns, i.e. both 1).
         whiten_advantages (`bool`, defaults to `True`): normalise advantages over the batch, as TRL does.
 
+    Parameters that control the batches (TRL's PPO names and arithmetic):
+        total_episodes (`int`, *optional*): rollouts to sample in the whole run; default `num_train_epochs` times
+            the number of prompts. The run makes `num_total_batches = ceil(total_episodes / batch_size)` updates.
+        per_device_train_batch_size (`int`, defaults to `4`), gradient_accumulation_steps (`int`, defaults to
+            `1`): each process samples `local_batch_size = per_device_train_batch_size * gradient_accumulation_steps`
+            rollouts per update; `batch_size = local_batch_size * world_size` over all processes.
+        num_mini_batches (`int`, defaults to `1`): mini-batches each local batch is split into for the update
+            (`local_mini_batch_size = local_batch_size / num_mini_batches`; it must divide).
+        cliprange (`float`, defaults to `0.2`), cliprange_value (`float`, defaults to `0.2`): PPO's clip of the
+            probability ratio and of the value update.
+        vf_coef (`float`, defaults to `0.1`): weight of the value loss.
+        model_adapter_name / ref_adapter_name (`str`, *optional*): with several LoRA adapters on the policy, the one
+            trained and the one used as the KL anchor.
+        ds3_gather_for_generation (`bool`, defaults to `True`): under DeepSpeed ZeRO-3, gather the policy's weights
+            for the rollout (faster sampling; False samples layer by layer from the shards, for models too large for
+            one device).
+    The trainer fills in `world_size`, `local_batch_size`, `micro_batch_size`, `batch_size`, `local_mini_batch_size`,
+    `mini_batch_size` and `num_total_batches` (values given for them are replaced). TRL's text-generation fields
+    (`sft_model_path`, `reward_model_path`, `stop_token`, `stop_token_id`, `missing_eos_penalty`, `whiten_rewards`,
+    `local_rollout_forward_batch_size`, `num_sample_generations`, `dataset_num_proc`) are accepted only at their
+    defaults: the trainer does not use them, and a changed value is an error that says what to use instead.
+
     Parameters that control the optimisation:
         learning_rate (`float`, defaults to `1e-5`): a starting point for full fine-tuning of musicgen-small; LoRA
             usually wants about 10x more. Tiny test models learn at 1e-3 to 1e-2.
@@ -120,7 +173,8 @@ class MusicPPOConfig(PPOConfig):
     These parameters have other defaults than in TRL's `PPOConfig`: `temperature` 0.99, `num_ppo_epochs` 1,
     `lam` 1.0, `kl_estimator` "full", `response_length` 253, `learning_rate` 1e-5, `lr_scheduler_type`
     "constant", `bf16` False and `gradient_checkpointing` False (the tiny
-    offline default runs on CPU), `logging_steps` 1, `per_device_train_batch_size` 4, `save_strategy` "no".
+    offline default runs on CPU), `logging_steps` 1, `per_device_train_batch_size` 4, `save_strategy` "no", and
+    `ddp_find_unused_parameters` False (TRL's PPOTrainer built its Accelerator with DDP's default, False).
 
     Logged metrics (TRL's names where they exist): `objective/scores` (mean combined reward), `objective/kl` (KL to
     the anchor per rollout, nats, summed over steps, before the update), `objective/non_score_reward`
@@ -172,6 +226,14 @@ class MusicPPOConfig(PPOConfig):
         default=253, metadata={"help": "Decoder steps per rollout (frames + K - 1; MusicGen makes 50 frames/s)."}
     )
     bf16: bool | None = field(default=False, metadata={"help": "bf16 mixed precision (set it on GPUs)."})
+    ddp_find_unused_parameters: bool | None = field(
+        default=False,
+        metadata={
+            "help": "DDP: look for parameters without a gradient after every backward. Every trainable parameter "
+            "of the policy and value network takes part in each update, so the search (Trainer's default for a "
+            "wrapper module) only costs time."
+        },
+    )
     gradient_checkpointing: bool = field(
         default=False, metadata={"help": "Recompute activations in the backward pass to save memory."}
     )
@@ -180,6 +242,51 @@ class MusicPPOConfig(PPOConfig):
     save_strategy: str = field(
         default="no", metadata={"help": "Checkpoint strategy ('no' or 'steps' with save_steps)."}
     )
+
+    # TRL's PPO fields (names and meanings as in TRL's PPOConfig <= 1.12)
+    num_mini_batches: int = field(default=1, metadata={"help": "Mini-batches each local rollout batch is split into."})
+    total_episodes: int | None = field(
+        default=None,
+        metadata={"help": "Rollouts in the whole run (default: num_train_epochs x the number of prompts)."},
+    )
+    cliprange: float = field(default=0.2, metadata={"help": "PPO clip range of the probability ratio."})
+    vf_coef: float = field(default=0.1, metadata={"help": "Weight of the value loss."})
+    cliprange_value: float = field(default=0.2, metadata={"help": "Clip range of the value update."})
+    model_adapter_name: str | None = field(
+        default=None, metadata={"help": "With several LoRA adapters: the one that is trained."}
+    )
+    ref_adapter_name: str | None = field(
+        default=None, metadata={"help": "With several LoRA adapters: the one used as the KL anchor."}
+    )
+    ds3_gather_for_generation: bool = field(
+        default=True,
+        metadata={
+            "help": "Under DeepSpeed ZeRO-3, gather the policy's weights for the rollout (faster); False samples from "
+            "the shards, for models too large for one device."
+        },
+    )
+    # Computed by the trainer (TRL's names); values given here are replaced.
+    world_size: int | None = field(default=None, metadata={"help": "Computed: number of processes."})
+    num_total_batches: int | None = field(default=None, metadata={"help": "Computed: updates in the run."})
+    micro_batch_size: int | None = field(
+        default=None, metadata={"help": "Computed: per_device_train_batch_size x world_size."}
+    )
+    local_batch_size: int | None = field(
+        default=None, metadata={"help": "Computed: rollouts per process and update."}
+    )
+    batch_size: int | None = field(default=None, metadata={"help": "Computed: rollouts per update, all processes."})
+    local_mini_batch_size: int | None = field(default=None, metadata={"help": "Computed: mini-batch per process."})
+    mini_batch_size: int | None = field(default=None, metadata={"help": "Computed: mini-batch, all processes."})
+    # TRL's text-generation fields: not used, refused unless at TRL's default (see UNUSED_TRL_PPO_FIELDS).
+    sft_model_path: str = field(default="EleutherAI/pythia-160m", metadata={"help": "Not used (TRL text PPO)."})
+    reward_model_path: str = field(default="EleutherAI/pythia-160m", metadata={"help": "Not used (TRL text PPO)."})
+    stop_token: str | None = field(default=None, metadata={"help": "Not used (TRL text PPO)."})
+    stop_token_id: int | None = field(default=None, metadata={"help": "Not used (TRL text PPO)."})
+    missing_eos_penalty: float | None = field(default=None, metadata={"help": "Not used (TRL text PPO)."})
+    whiten_rewards: bool = field(default=False, metadata={"help": "Not used (see whiten_advantages)."})
+    local_rollout_forward_batch_size: int = field(default=64, metadata={"help": "Not used (TRL text PPO)."})
+    num_sample_generations: int = field(default=10, metadata={"help": "Not used (see eval_strategy)."})
+    dataset_num_proc: int | None = field(default=None, metadata={"help": "Not used (TRL text PPO)."})
 
     # Generation
     audio_duration_s: float | None = field(
@@ -274,6 +381,12 @@ class MusicPPOConfig(PPOConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        for name, (default, instead) in UNUSED_TRL_PPO_FIELDS.items():
+            if getattr(self, name) != default:
+                raise ValueError(
+                    f"{name}={getattr(self, name)!r}: MusicPPOTrainer does not use this field of TRL's text PPOConfig "
+                    f"({instead}). Remove it from your flags, config file or recipe."
+                )
         if self.kl_penalty not in ("loss", "reward"):
             raise ValueError(
                 f"kl_penalty must be 'loss' (KL as an analytic loss term, MusicRL) or 'reward' (per-step reward "

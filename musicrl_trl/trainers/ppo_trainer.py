@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import functools
 import json
 import math
 import os
@@ -35,13 +34,16 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 import torch.nn as nn
-import trl.experimental.ppo.ppo_trainer as trl_ppo
 from datasets import Dataset
-from safetensors.torch import load_file, load_model, save_file, save_model
-from transformers import GenerationConfig, MusicgenForConditionalGeneration, MusicgenProcessor, TrainerCallback
+from safetensors.torch import load_file
+from transformers import (
+    GenerationConfig,
+    MusicgenForConditionalGeneration,
+    MusicgenProcessor,
+    Trainer,
+    TrainerCallback,
+)
 from transformers.trainer_callback import ProgressCallback
-from trl.experimental.ppo import PPOTrainer
-from trl.experimental.ppo.ppo_trainer import masked_mean, masked_whiten
 from trl.models.utils import unwrap_model_for_generation
 
 from .. import codebooks, hub
@@ -56,199 +58,19 @@ from ..rollout import (
     sampling_log_dist,
     unwrap_musicgen,
 )
+from .base import OnlineMusicTrainer, OnlineTrainerState, masked_mean, masked_whiten, zero_dropout
 from .checkpointing import CrashSafeCheckpointsMixin
 from .ppo_config import MusicPPOConfig
+from .value_model import VALUE_WEIGHTS_NAME, MusicPolicyAndValue, MusicValueModel, load_value_model, save_value_model
 
 __all__ = ["MusicPPOTrainer", "MusicValueModel", "MusicPolicyAndValue", "zero_dropout"]
 
-VALUE_WEIGHTS_NAME = "value_model.safetensors"
-DROPOUT_ATTRIBUTES = ("dropout", "activation_dropout", "attention_dropout", "layerdrop", "dropout_rate")
 RewardFunction = Callable[..., torch.Tensor | Sequence[float]]
 
 
-def zero_dropout(model: nn.Module) -> None:
-    """Zero every dropout probability in ``model``: ``nn.Dropout`` modules *and* the float ``dropout`` /
-    ``activation_dropout`` / ``attention_dropout`` / ``layerdrop`` attributes that MusicGen and T5 layers read in
-    their forward (TRL's ``disable_dropout_in_model`` only handles the modules, so train-mode logits would still
-    differ from the rollout's)."""
-    for module in model.modules():
-        if isinstance(module, nn.Dropout):
-            module.p = 0.0
-        # Layers read the attributes; configs are zeroed too so that a saved checkpoint reloads without dropout.
-        for holder in (module, getattr(module, "config", None)):
-            for name in DROPOUT_ATTRIBUTES:
-                if isinstance(getattr(holder, name, None), float):
-                    setattr(holder, name, 0.0)
-
-
-class MusicValueModel(nn.Module):
-    """V(s_t) for every decoder step: a MusicGen decoder trunk conditioned on the prompt, and a scalar head.
-
-    With ``backbone=None`` the head reads the policy's own last hidden states (``share_value_backbone``); otherwise
-    ``backbone`` is a separate copy of the starting MusicGen (MusicRL's choice: policy and value both start from the
-    pretrained checkpoint). ``base_model_prefix`` and ``score`` follow TRL's value-model convention.
-
-    With a quantized (4/8-bit) policy the separate trunk is a LoRA'd copy of the quantized model: its frozen weights
-    stay quantized and only LoRA adapters (the policy's ``peft_config``) and the head learn. Its memory is one more
-    quantized decoder (about 0.53 bytes per decoder parameter in NF4: ~225 MB for musicgen-small's ~420M) plus the
-    full-precision text encoder, codec and LM heads it copies, plus adapters; a full-precision trunk would cost 4 bytes
-    per decoder parameter and its Adam state 8 more.
-    """
-
-    base_model_prefix = "backbone"
-
-    def __init__(self, hidden_size: int, backbone: MusicgenForConditionalGeneration | None = None):
-        super().__init__()
-        self.backbone = backbone
-        self.score = nn.Linear(hidden_size, 1)
-        # Zero-initialised: a new head reading unit-scale hidden states would start with values of order 1 that
-        # differ from step to step, far above the reward's spread between rollouts; the early advantages R - V(s_t)
-        # would then be mostly that noise (measured on the tiny model: -8 % reward instead of +84 % in 40 updates).
-        # At V = 0 the first updates are REINFORCE with the batch-mean baseline that whitening subtracts.
-        nn.init.zeros_(self.score.weight)
-        nn.init.zeros_(self.score.bias)
-
-    @classmethod
-    def from_policy(
-        cls, policy: nn.Module, share_backbone: bool, peft_config=None, lora_trunk: bool | None = None
-    ) -> MusicValueModel:
-        """The value network for ``policy``: a head on the policy's trunk, or on a copy of it, trained fully or,
-        with ``lora_trunk`` (default: only for quantized policies), through LoRA adapters (``peft_config``)."""
-        musicgen = unwrap_musicgen(policy)
-        backbone = None
-        if lora_trunk is None:
-            lora_trunk = is_quantized(musicgen)
-        elif not lora_trunk and not share_backbone and is_quantized(musicgen):
-            raise ValueError(
-                "lora_value_trunk=False: a copy of a quantized (4/8-bit) policy cannot be trained fully. Leave "
-                "lora_value_trunk unset (LoRA trunk) or set share_value_backbone=True."
-            )
-        if not share_backbone and lora_trunk:
-            if peft_config is None:
-                raise ValueError(
-                    "a LoRA value trunk (always, for a quantized 4/8-bit policy) needs peft_config (e.g. --use_peft), "
-                    "or set share_value_backbone=True."
-                )
-            from peft import get_peft_model
-
-            # Quantized weights cannot require gradients (and deepcopy keeps them quantized): the copy is frozen and
-            # learns through adapters of its own. Only the decoder is LoRA'd (the policy's target modules).
-            backbone = copy.deepcopy(musicgen).requires_grad_(False)
-            backbone = prepare_quantized_model(get_peft_model(backbone, copy.deepcopy(peft_config)))
-        elif not share_backbone:
-            backbone = copy.deepcopy(musicgen)
-            # Only the decoder trunk learns values; the text encoder and the codec stay as they are.
-            for param in backbone.parameters():
-                param.requires_grad_(False)
-            for param in backbone.decoder.parameters():
-                param.requires_grad_(True)
-            backbone.decoder.lm_heads.requires_grad_(False)  # values read hidden states, never code logits
-            if hasattr(backbone, "enc_to_dec_proj"):
-                backbone.enc_to_dec_proj.requires_grad_(True)
-        return cls(musicgen.decoder.config.hidden_size, backbone)
-
-    @property
-    def shares_policy_backbone(self) -> bool:
-        return self.backbone is None
-
-    def forward(self, prompt_ids, prompt_mask, grid, policy_hidden_states=None) -> torch.Tensor:
-        """Values [B, A] at every decoder step, from the prompt and the grid [B, K, S]."""
-        if self.backbone is None:
-            hidden = policy_hidden_states
-        else:
-            output = decoder_logits(self.backbone, prompt_ids, prompt_mask, grid, output_hidden_states=True)
-            hidden = output.hidden_states
-        return self.score(hidden.to(self.score.weight.dtype)).squeeze(-1)
-
-
-def save_value_model(value_model: MusicValueModel, path: str) -> None:
-    """Checkpoint the value network (safetensors). A quantized trunk saves only what trains (adapters and head): its
-    frozen 4/8-bit weights are the starting checkpoint's, and bitsandbytes' packed tensors do not load back into a
-    module with ``load_state_dict``."""
-    if is_quantized(value_model):
-        save_file({n: p.detach().contiguous() for n, p in value_model.named_parameters() if p.requires_grad}, path)
-    else:
-        save_model(value_model, path)  # de-duplicates tied tensors (T5's shared embeddings) that save_file refuses
-
-
-def load_value_model(value_model: MusicValueModel, path: str) -> None:
-    if not is_quantized(value_model):
-        load_model(value_model, path)
-        return
-    state = load_file(path)
-    trainable = {n for n, p in value_model.named_parameters() if p.requires_grad}
-    if set(state) != trainable:
-        raise ValueError(
-            f"{path} does not match the value network (missing {sorted(trainable - set(state))[:3]}, unexpected "
-            f"{sorted(set(state) - trainable)[:3]}); resume with the model and LoRA settings the run started from."
-        )
-    value_model.load_state_dict(state, strict=False)
-
-
-class MusicPolicyAndValue(nn.Module):
-    """Policy and value model behind one ``forward``, so that a single ``accelerator.prepare`` (DDP, DeepSpeed)
-    wraps both and gradients synchronise. Takes the place of TRL's text-only ``PolicyAndValueWrapper``."""
-
-    def __init__(self, policy: nn.Module, value_model: MusicValueModel):
-        super().__init__()
-        self.policy = policy
-        self.value_model = value_model
-        self.is_gradient_checkpointing = getattr(policy, "is_gradient_checkpointing", False)
-
-    def gradient_checkpointing_enable(self, **kwargs):
-        self.policy.gradient_checkpointing_enable(**kwargs)
-        self.is_gradient_checkpointing = True
-
-    def gradient_checkpointing_disable(self):
-        self.policy.gradient_checkpointing_disable()
-        self.is_gradient_checkpointing = False
-
-    def forward(self, prompt_ids, prompt_mask, grid, guided: bool):
-        shared = self.value_model.shares_policy_backbone
-        output = decoder_logits(self.policy, prompt_ids, prompt_mask, grid, guided=guided, output_hidden_states=shared)
-        values = self.value_model(prompt_ids, prompt_mask, grid, policy_hidden_states=output.hidden_states)
-        # Under bf16/fp16 autocast the values come out in half precision; the value loss is computed in float32
-        # (accelerate's convert_outputs_to_fp32 skips this dataclass). Logits need nothing: the sampling transform
-        # (codebooks.sampling_logits) computes in at least float32.
-        return output, values.float()
-
-
-@contextlib.contextmanager
-def _reuse_trl_ppo_init(args: MusicPPOConfig):
-    """Let ``PPOTrainer.__init__`` build everything (Accelerator, batch arithmetic, PEFT wrapping, reference copy,
-    optimizer, scheduler, callbacks, state) for MusicGen. Two of its text-only assumptions are lifted for its
-    duration: it only accepts the k1/k3 KL estimators, and it hard-codes its ``PolicyAndValueWrapper``, whose forward
-    expects a causal LM with ``input_ids``."""
-    kl_estimator = args.kl_estimator
-    text_wrapper = trl_ppo.PolicyAndValueWrapper
-    accelerator_class = trl_ppo.Accelerator
-    prepare_deepspeed = trl_ppo.prepare_deepspeed
-    args.kl_estimator = "k1"
-    trl_ppo.PolicyAndValueWrapper = MusicPolicyAndValue
-    # TRL builds Accelerator() without the config's precision, so bf16=True/fp16=True were silently ignored.
-    trl_ppo.Accelerator = functools.partial(accelerator_class, mixed_precision=args.mixed_precision)
-    trl_ppo.prepare_deepspeed = functools.partial(_prepare_deepspeed_keeping_rewards_whole, prepare_deepspeed)
-    try:
-        yield
-    finally:
-        args.kl_estimator = kl_estimator
-        trl_ppo.PolicyAndValueWrapper = text_wrapper
-        trl_ppo.Accelerator = accelerator_class
-        trl_ppo.prepare_deepspeed = prepare_deepspeed
-
-
 class RewardModules(nn.ModuleList):
-    """The rewards that are modules, handed to TRL as its ``reward_model`` (it moves them to the device)."""
-
-
-def _prepare_deepspeed_keeping_rewards_whole(prepare_deepspeed, model, accelerator):
-    """Under DeepSpeed TRL wraps the reference and the reward model in inference engines, sharded under ZeRO-3.
-    Rewards are called as plain functions on each rank's own batch (CLAP's ``get_audio_features``, feature
-    extractors, NumPy), not through an engine's forward in lockstep, so they stay whole on every device; the anchor
-    (a separate reference copy) is TRL's: replicated under ZeRO-1/2, sharded under ZeRO-3."""
-    if isinstance(model, RewardModules):
-        return model.to(accelerator.device)
-    return prepare_deepspeed(model, accelerator)
+    """The rewards that are modules: moved to the device with the trainer, in eval mode, kept whole on every process
+    (see :meth:`OnlineMusicTrainer.setup_online_training`)."""
 
 
 class MusicProgressCallback(ProgressCallback):
@@ -266,7 +88,7 @@ def _collate_prompts(rows: list[dict]) -> dict[str, list[str]]:
     return {"prompt": [row["prompt"] for row in rows]}
 
 
-class MusicPPOTrainer(CrashSafeCheckpointsMixin, PPOTrainer):
+class MusicPPOTrainer(CrashSafeCheckpointsMixin, OnlineMusicTrainer):
     """RL fine-tuning of a MusicGen policy on sequence-level audio rewards, as in MusicRL.
 
     Args:
@@ -352,36 +174,36 @@ class MusicPPOTrainer(CrashSafeCheckpointsMixin, PPOTrainer):
                     lora_trunk=args.lora_value_trunk,
                 )
 
-        # TRL moves the reward model to the device and disables its dropout: give it the rewards that are modules.
-        reward_modules = RewardModules([r for r in self.reward_funcs if isinstance(r, nn.Module)])
-        with _reuse_trl_ppo_init(args):
-            super().__init__(
-                args=args,
-                processing_class=processing_class,
-                model=model,
-                ref_model=ref_model,
-                reward_model=reward_modules,
-                train_dataset=train_dataset,
-                value_model=value_model,
-                data_collator=_collate_prompts,
-                eval_dataset=eval_dataset if eval_dataset is not None else [],
-                callbacks=callbacks,
-                peft_config=peft_config,
+        if args.eval_strategy != "no" and eval_dataset is None:
+            raise ValueError(
+                f"eval_strategy={args.eval_strategy.value!r} needs an eval_dataset (a datasets.Dataset with a "
+                "'prompt' column); pass one or set eval_strategy='no'."
             )
+
+        policy = self.wrap_policy(model, peft_config, bool(args.bf16))
+        ref_model = self.build_anchor(policy, ref_model)
+        # One module behind one forward, so that a single accelerator.prepare (DDP, DeepSpeed) wraps both and their
+        # gradients synchronise together.
+        Trainer.__init__(
+            self,
+            model=MusicPolicyAndValue(policy, value_model),
+            args=args,
+            data_collator=_collate_prompts,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            callbacks=callbacks,
+        )
+        reward_modules = RewardModules([r for r in self.reward_funcs if isinstance(r, nn.Module)])
+        self.setup_online_training(policy, ref_model, reward_modules)
+        self.value_model = value_model
         if not args.disable_tqdm:
             self.remove_callback(ProgressCallback)
             self.add_callback(MusicProgressCallback)
-        for reward in reward_modules:
-            reward.eval()
-        if self.ref_model is not None:
-            self.ref_model.eval().requires_grad_(False)
         self.audio_channels = unwrap_musicgen(self.policy_model).decoder.config.audio_channels
         self.reward_names = [self._reward_name(r) for r in self.reward_funcs]
         if args.gradient_checkpointing:
             self._enable_gradient_checkpointing()
-        # Set by Trainer.__init__ (which PPOTrainer never calls) and read by Trainer._save on every rank: without it
-        # save_model raises AttributeError on the non-main ranks of a multi-process run.
-        self.is_distributed_loading_by_transformers = False
         # The policy samples as it is trained from here on: its own generate(), the saved generation_config.json
         # and pipeline("text-to-audio") on the result (MusicGen ships guidance 3 and top-k 250).
         unwrap_musicgen(self.accelerator.unwrap_model(self.model).policy).generation_config = (
@@ -477,6 +299,14 @@ class MusicPPOTrainer(CrashSafeCheckpointsMixin, PPOTrainer):
             indices.append(orders[epoch][offset].item())
         return list(self.train_dataset.select(indices)["prompt"])
 
+    def _mini_batch_order(self, update: int, epoch: int) -> torch.Tensor:
+        """The order [local_batch_size] in which PPO epoch ``epoch`` of update ``update`` visits the local rollouts:
+        a permutation drawn from its own generator, seeded by the process's seed, the update and the epoch, so that
+        a seed gives the same run and a resumed run the same mini-batches (NumPy's unseeded global generator did
+        neither)."""
+        seed = (self.local_seed * 1_000_003 + update) * 1_009 + epoch
+        return torch.randperm(self.args.local_batch_size, generator=torch.Generator().manual_seed(seed))
+
     def _score(self, rollout: MusicRollout) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
         """Combined scores [B], each reward's scores [B], and the mask [B] of samples whose rewards are finite."""
         batch, device = len(rollout.prompts), rollout.audio.device
@@ -526,21 +356,6 @@ class MusicPPOTrainer(CrashSafeCheckpointsMixin, PPOTrainer):
             log_ratio = ref_logprobs - logprobs
             per_code = -log_ratio if self.args.kl_estimator == "k1" else log_ratio.exp() - 1 - log_ratio
         return codebooks.codes_to_steps(per_code, self.audio_channels)
-
-    @contextlib.contextmanager
-    def null_ref_context(self):
-        """The LoRA anchor: the policy with its adapter disabled (or ``ref_adapter_name`` active). TRL's version reads
-        ``self.model.policy``, which a DDP wrapper hides (AttributeError on every multi-process LoRA run)."""
-        policy = self.accelerator.unwrap_model(self.model).policy
-        use_adapter = bool(self.ref_adapter_name)
-        with policy.disable_adapter() if self.is_peft_model and not use_adapter else contextlib.nullcontext():
-            if use_adapter:
-                policy.set_adapter(self.ref_adapter_name)
-            try:
-                yield
-            finally:
-                if use_adapter:
-                    policy.set_adapter(self.model_adapter_name or "default")
 
     @torch.no_grad()
     def _anchor_log_dist(self, rollout: MusicRollout) -> torch.Tensor:
@@ -617,7 +432,9 @@ class MusicPPOTrainer(CrashSafeCheckpointsMixin, PPOTrainer):
 
             # 1. rollout (TRL's unwrap gathers ZeRO-3-sharded weights for the length of the sampling loop)
             tic = time.perf_counter()
-            with unwrap_model_for_generation(model, accelerator) as unwrapped:
+            with unwrap_model_for_generation(
+                model, accelerator, gather_deepspeed3_params=args.ds3_gather_for_generation
+            ) as unwrapped:
                 rollout = generate_rollout(
                     unwrapped.policy, self.processing_class, prompts, num_steps=args.response_length,
                     sampling=self.sampling, max_prompt_length=args.max_prompt_length, backend=args.rollout_backend,
@@ -651,16 +468,20 @@ class MusicPPOTrainer(CrashSafeCheckpointsMixin, PPOTrainer):
             # 5. update
             stats = {name: [] for name in ("approxkl", "clipfrac", "pg_loss", "kl_loss", "vf_loss", "vf_clipfrac",
                                            "entropy", "ratio", "first_ratio_error")}
+            # Gradients add up over gradient_accumulation_steps micro-batches before each optimizer step, as in TRL's
+            # PPOTrainer (through accelerate there; transformers.Trainer's Accelerator steps on every backward and
+            # leaves accumulation to its owner).
+            micro_step = 0
             for epoch in range(args.num_ppo_epochs):
-                order = np.random.permutation(args.local_batch_size)
+                order = self._mini_batch_order(update, epoch)
                 for mb_start in range(0, args.local_batch_size, args.local_mini_batch_size):
                     mini_batch = order[mb_start : mb_start + args.local_mini_batch_size]
                     for micro_start in range(0, args.local_mini_batch_size, args.per_device_train_batch_size):
-                        mb = torch.as_tensor(
-                            mini_batch[micro_start : micro_start + args.per_device_train_batch_size], device=device
-                        )
+                        mb = mini_batch[micro_start : micro_start + args.per_device_train_batch_size].to(device)
                         mb_mask = step_mask[mb]
-                        with accelerator.accumulate(model):
+                        micro_step += 1
+                        sync = micro_step % args.gradient_accumulation_steps == 0
+                        with contextlib.nullcontext() if sync else accelerator.no_sync(model):
                             mb_output, vpred = model(
                                 rollout.prompt_ids[mb], rollout.prompt_mask[mb], rollout.grid[mb], self.sampling.guided
                             )
@@ -692,9 +513,10 @@ class MusicPPOTrainer(CrashSafeCheckpointsMixin, PPOTrainer):
                             loss = pg_loss + args.vf_coef * vf_loss
                             if args.kl_penalty == "loss":
                                 loss = loss + args.kl_coef * kl_loss
-                            accelerator.backward(loss)
-                            optimizer.step()
-                            optimizer.zero_grad()
+                            accelerator.backward(loss / args.gradient_accumulation_steps)
+                            if sync:
+                                optimizer.step()
+                                optimizer.zero_grad()
                         with torch.no_grad():
                             stats["approxkl"].append(0.5 * masked_mean(logprobs_diff**2, mb_mask))
                             stats["clipfrac"].append(masked_mean((pg_losses2 > pg_losses).float(), mb_mask))
@@ -772,11 +594,6 @@ class MusicPPOTrainer(CrashSafeCheckpointsMixin, PPOTrainer):
 
     # ------------------------------------------------------------------ evaluation: drift and diversity
     def _init_evaluation(self, args: MusicPPOConfig, eval_dataset) -> None:
-        if args.eval_strategy != "no" and eval_dataset is None:
-            raise ValueError(
-                f"eval_strategy={args.eval_strategy.value!r} needs an eval_dataset (a datasets.Dataset with a "
-                "'prompt' column); pass one or set eval_strategy='no'."
-            )
         if args.eval_steps is not None:
             # DefaultFlowCallback reads eval_steps from the state; TRL's own train() sets it, ours is replaced.
             steps = args.eval_steps
@@ -882,17 +699,18 @@ class MusicPPOTrainer(CrashSafeCheckpointsMixin, PPOTrainer):
         ``PeftModel.from_pretrained``, and (``save_merged_lora``) merged full weights to ``<output_dir>/merged``
         for ``MusicgenForConditionalGeneration.from_pretrained`` and ``pipeline("text-to-audio")``."""
         output_dir = output_dir or self.args.output_dir
-        wrapped = self.model
-        if isinstance(wrapped, nn.parallel.DistributedDataParallel):
-            # TRL saves `self.model.policy`, which a DDP wrapper hides: it would save policy, value network and
-            # their tied T5 embeddings as one state dict (refused by safetensors) instead of the policy alone.
-            self.model = wrapped.module
+        wrapped, engine = self.model, self.deepspeed
+        # Trainer.save_model saves self.model (self.deepspeed's state under DeepSpeed): the policy alone, not the
+        # value network beside it (with whom it would also share T5's tied embeddings, which safetensors refuses).
+        self.model = self.accelerator.unwrap_model(wrapped).policy
+        if self.is_deepspeed_enabled:
+            self.deepspeed = self.model
         try:
-            # Internal: Trainer.save_model would push from inside PPOTrainer.save_model, while self.model is swapped
-            # for the bare policy and before the merged weights exist; the push comes last instead.
-            super().save_model(output_dir, _internal_call=True)
+            # Internal: Trainer.save_model would push while self.model is swapped for the bare policy and before the
+            # merged weights exist; the push comes last instead.
+            Trainer.save_model(self, output_dir, _internal_call=True)
         finally:
-            self.model = wrapped
+            self.model, self.deepspeed = wrapped, engine
         if not self.args.should_save:
             return
         # Written beside the adapter too: PeftModel ignores it, but it documents how the adapter was trained.
@@ -916,6 +734,12 @@ class MusicPPOTrainer(CrashSafeCheckpointsMixin, PPOTrainer):
             max_new_tokens=self.args.response_length,
         )
         return config
+
+    def _save_checkpoint(self, model, trial) -> None:
+        # The card, its samples and curves are brought up to date in output_dir before every checkpoint (as TRL's
+        # trainers do); _save_checkpoint_extras copies them into the checkpoint.
+        self.create_model_card()
+        super()._save_checkpoint(model, trial)
 
     def _save_checkpoint_extras(self, checkpoint_dir: str) -> None:
         # Called inside the staged checkpoint folder, before it is renamed to checkpoint-N (see checkpointing.py).
@@ -953,7 +777,7 @@ class MusicPPOTrainer(CrashSafeCheckpointsMixin, PPOTrainer):
         self.optimizer.load_state_dict(optimizer_state)
         self.lr_scheduler.load_state_dict(torch.load(os.path.join(checkpoint, "scheduler.pt"), weights_only=True))
         self._load_rng_state(checkpoint)
-        saved = trl_ppo.OnlineTrainerState.load_from_json(os.path.join(checkpoint, "trainer_state.json"))
+        saved = OnlineTrainerState.load_from_json(os.path.join(checkpoint, "trainer_state.json"))
         self.state.global_step = saved.global_step
         self.state.episode = saved.global_step * self.args.batch_size
         self.state.log_history = saved.log_history
