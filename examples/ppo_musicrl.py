@@ -159,7 +159,9 @@ def parse_arguments(argv: list[str] | None = None) -> tuple[ScriptArguments, Mus
     chosen = configured_options(parser, argv, recipe)  # by flag, --config file or recipe
     if "model_name_or_path" not in chosen:
         # The offline demo's defaults, below everything a user chose (set first: later defaults override them).
-        parser.set_defaults_with_config(**{key: value for key, value in DEMO_TRAINING.items() if key not in chosen})
+        # A clip length given in seconds replaces the demo's length in steps (setting both is an error).
+        skip = chosen | ({"response_length"} if "audio_duration_s" in chosen else set())
+        parser.set_defaults_with_config(**{key: value for key, value in DEMO_TRAINING.items() if key not in skip})
     if recipe is not None:
         apply_recipe_defaults(parser, recipe)
     if "save_steps" in chosen and "save_strategy" not in chosen:

@@ -65,7 +65,7 @@ from musicrl_trl import AudioRewardConfig, AudioRewardTrainer, MusicRewardConfig
 from musicrl_trl.cli import load_any_dataset
 from musicrl_trl.distributed import end_distributed_run
 from musicrl_trl.loading import ModelLoadingError, resolve_pretrained
-from musicrl_trl.trainers.reward_trainer import SOURCE_ROW_COLUMN
+from musicrl_trl.trainers.reward_data import SOURCE_ROW_COLUMN
 
 BACKBONE_TYPES = ("clap", "audio-spectrogram-transformer")
 

@@ -24,6 +24,8 @@ from typing import Any
 
 from transformers import TrainingArguments
 
+from .trainers.ppo_config import COMPUTED_BATCH_FIELDS, UNUSED_TRL_PPO_FIELDS
+
 __all__ = [
     "PPO_FIELDS_NOT_USED",
     "apply_recipe_defaults",
@@ -42,25 +44,7 @@ __all__ = [
 #: TRL ``PPOConfig`` fields that ``MusicPPOTrainer`` never reads (settings of text generation and of TRL's own
 #: reward/SFT loading, refused by ``MusicPPOConfig`` when set) and the sizes the trainer computes at start-up.
 #: ``--help`` hides them.
-PPO_FIELDS_NOT_USED = (
-    "sft_model_path",
-    "reward_model_path",
-    "stop_token",
-    "stop_token_id",
-    "missing_eos_penalty",
-    "whiten_rewards",
-    "local_rollout_forward_batch_size",
-    "dataset_num_proc",
-    "num_sample_generations",
-    # computed from the batch sizes and the number of processes
-    "world_size",
-    "num_total_batches",
-    "micro_batch_size",
-    "local_batch_size",
-    "batch_size",
-    "local_mini_batch_size",
-    "mini_batch_size",
-)
+PPO_FIELDS_NOT_USED = tuple(UNUSED_TRL_PPO_FIELDS) + COMPUTED_BATCH_FIELDS
 
 #: Inherited TrainingArguments/PPOConfig fields that every music RL run sets, listed with the music fields.
 PPO_FIELDS_THAT_MATTER = (

@@ -132,7 +132,7 @@ def policy_card(tmp_path_factory):
     [
         ("loss", "full", "an analytic loss term (MusicRL's objective)"),
         ("reward", "k3", "a per-step reward penalty (TRL's shaping)"),
-        ("loss", "k1", "an analytic loss term (MusicRL's objective)"),
+        ("reward", "k1", "a per-step reward penalty (TRL's shaping)"),
     ],
 )
 def test_the_card_states_the_kl_coefficient_estimator_and_form(policy_card, kl_penalty, kl_estimator, form):

@@ -199,13 +199,15 @@ def test_defaults_learn_a_reward_they_were_not_chosen_on(tmp_path):
     assert kls[-1] < 200  # the anchor still holds
 
 
-@pytest.mark.parametrize("kl_estimator", ["full", "k3"])
-def test_top_k_sampling_keeps_the_kl_finite_when_the_policy_leaves_the_anchors_top_k(tmp_path, kl_estimator):
+@pytest.mark.parametrize(("kl_penalty", "kl_estimator"), [("loss", "full"), ("reward", "k3")])
+def test_top_k_sampling_keeps_the_kl_finite_when_the_policy_leaves_the_anchors_top_k(
+    tmp_path, kl_penalty, kl_estimator
+):
     """With top-k, the cut distributions of a moved policy and its anchor have different supports, which makes their
     exact KL infinite; the KL is taken before the cut, so the loss and its gradient stay finite."""
     model, processor = tiny_musicgen()
     args = make_config(tmp_path, per_device_train_batch_size=8, total_episodes=8 * 6, response_length=10,
-                       learning_rate=3e-2, top_k=20, kl_estimator=kl_estimator)
+                       learning_rate=3e-2, top_k=20, kl_penalty=kl_penalty, kl_estimator=kl_estimator)
     trainer = MusicPPOTrainer(args, processor, model, reward_model=loudness, train_dataset=dataset())
     trainer.train()
     logs = [entry for entry in trainer.state.log_history if "objective/kl" in entry]

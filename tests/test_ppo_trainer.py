@@ -261,7 +261,7 @@ def test_one_seed_gives_one_run_with_ppo_epochs_and_mini_batches(tmp_path):
         model, processor = tiny_musicgen()
         args = make_config(
             tmp_path, output_dir=str(tmp_path / name), per_device_train_batch_size=2, gradient_accumulation_steps=2,
-            num_mini_batches=2, num_ppo_epochs=2, lam=0.95,
+            num_mini_batches=2, num_ppo_epochs=2, lam=0.95, total_episodes=16,
         )
         trainer = MusicPPOTrainer(args, processor, model, reward_model=loudness, train_dataset=dataset())
         trainer.train()
@@ -274,7 +274,7 @@ def test_one_seed_gives_one_run_with_ppo_epochs_and_mini_batches(tmp_path):
 
 def test_mini_batch_order_is_a_seeded_permutation_per_update_and_epoch(tmp_path):
     model, processor = tiny_musicgen()
-    args = make_config(tmp_path, per_device_train_batch_size=8, num_mini_batches=4)
+    args = make_config(tmp_path, per_device_train_batch_size=2, num_mini_batches=4)
     trainer = MusicPPOTrainer(args, processor, model, reward_model=loudness, train_dataset=dataset())
     orders = {(u, e): trainer._mini_batch_order(u, e) for u in range(3) for e in range(3)}
     for order in orders.values():
@@ -283,16 +283,18 @@ def test_mini_batch_order_is_a_seeded_permutation_per_update_and_epoch(tmp_path)
     assert torch.equal(trainer._mini_batch_order(1, 2), orders[(1, 2)])  # a resumed run draws the same
 
 
-def test_batch_arithmetic_follows_trl_and_refuses_what_does_not_divide(tmp_path):
+def test_batch_arithmetic_and_its_refusals(tmp_path):
     model, processor = tiny_musicgen()
-    args = make_config(tmp_path, per_device_train_batch_size=2, gradient_accumulation_steps=3, num_mini_batches=3,
-                       total_episodes=13)
+    args = make_config(tmp_path, per_device_train_batch_size=2, gradient_accumulation_steps=3, num_mini_batches=2,
+                       total_episodes=25)
     MusicPPOTrainer(args, processor, model, reward_model=loudness, train_dataset=dataset())
-    assert (args.local_batch_size, args.batch_size, args.micro_batch_size) == (6, 6, 2)
-    assert (args.local_mini_batch_size, args.mini_batch_size, args.num_total_batches, args.world_size) == (2, 2, 3, 1)
-    with pytest.raises(ValueError, match="multiple of num_mini_batches"):
-        MusicPPOTrainer(make_config(tmp_path, per_device_train_batch_size=4, num_mini_batches=3), processor, model,
-                        reward_model=loudness, train_dataset=dataset())
+    # micro-batch 2, mini-batch (one optimizer step) 2 x 3, update 2 mini-batches: 12 rollouts, ceil(25 / 12) updates
+    assert (args.micro_batch_size, args.local_mini_batch_size, args.mini_batch_size) == (2, 6, 6)
+    assert (args.local_batch_size, args.batch_size, args.num_total_batches, args.world_size) == (12, 12, 3, 1)
+    for bad in (dict(per_device_train_batch_size=0), dict(num_mini_batches=0), dict(num_ppo_epochs=0)):
+        with pytest.raises(ValueError, match=f"{next(iter(bad))}=0.*must be an integer >= 1"):
+            MusicPPOTrainer(make_config(tmp_path, **bad), processor, model, reward_model=loudness,
+                            train_dataset=dataset())
     with pytest.raises(ValueError, match="total_episodes must be >= 1"):
         MusicPPOTrainer(make_config(tmp_path, total_episodes=-5), processor, model, reward_model=loudness,
                         train_dataset=dataset())

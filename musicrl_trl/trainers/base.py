@@ -9,8 +9,8 @@ the Hub repo come from the config exactly as for any ``transformers.Trainer``. A
 2. ``ref_model = self.build_anchor(policy, ref_model)``: the KL anchor (given, the adapter-disabled policy, or a
    frozen copy);
 3. ``Trainer.__init__`` with the module that trains (for PPO: policy and value network behind one ``forward``);
-4. ``self.setup_online_training(...)``: TRL's batch arithmetic, optimizer and scheduler over the run's updates,
-   ``accelerator.prepare``, per-process seeds, the anchor and rewards on the device (DeepSpeed engines for a
+4. ``self.setup_online_training(...)``: the batch arithmetic (TRL's names), optimizer and scheduler over the run's
+   updates, ``accelerator.prepare``, per-process seeds, the anchor and rewards on the device (DeepSpeed engines for a
    separate anchor).
 
 What stays TRL's: the config's field names and batch arithmetic (:class:`~musicrl_trl.MusicPPOConfig`), the metric
@@ -32,7 +32,6 @@ from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 __all__ = [
     "OnlineMusicTrainer",
     "OnlineTrainerState",
-    "exact_div",
     "masked_mean",
     "masked_var",
     "masked_whiten",
@@ -96,13 +95,6 @@ def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = T
     mean, var = masked_mean(values, mask), masked_var(values, mask)
     whitened = (values - mean) * torch.rsqrt(var + 1e-8)
     return whitened if shift_mean else whitened + mean
-
-
-def exact_div(a: int, b: int, message: str) -> int:
-    """``a / b`` when ``b`` divides ``a``; else a ``ValueError`` with ``message`` and the numbers."""
-    if b <= 0 or a % b:
-        raise ValueError(f"{message} (got {a} and {b}).")
-    return a // b
 
 
 # ------------------------------------------------------------------------------------------------ the trainer base
@@ -222,20 +214,21 @@ class OnlineMusicTrainer(Trainer):
             self.ref_model.eval().requires_grad_(False)
 
     def set_batch_sizes(self) -> None:
-        """TRL's PPO batch arithmetic, written into ``args`` (its field names):
+        """The batch arithmetic, written into ``args`` under TRL's field names (see :class:`MusicPPOConfig`):
 
-        - ``local_batch_size = per_device_train_batch_size * gradient_accumulation_steps``: rollouts per process and
-          update; ``batch_size = local_batch_size * world_size``;
-        - ``local_mini_batch_size = local_batch_size / num_mini_batches`` (must divide), ``mini_batch_size`` likewise;
-        - ``num_total_batches = ceil(total_episodes / batch_size)`` updates, ``total_episodes`` defaulting to
-          ``num_train_epochs`` passes over the prompts.
+        - a micro-batch is ``per_device_train_batch_size`` rollouts (one forward/backward);
+        - a mini-batch is ``gradient_accumulation_steps`` micro-batches, one optimizer step:
+          ``local_mini_batch_size``, and ``mini_batch_size`` over all processes;
+        - an update samples ``num_mini_batches`` mini-batches: ``local_batch_size`` per process, ``batch_size`` in all;
+        - the run makes ``num_total_batches = ceil(total_episodes / batch_size)`` updates, ``total_episodes``
+          defaulting to ``num_train_epochs`` passes over the prompts.
         """
         args = self.args
-        if args.per_device_train_batch_size < 1 or args.gradient_accumulation_steps < 1 or args.num_mini_batches < 1:
-            raise ValueError(
-                "per_device_train_batch_size, gradient_accumulation_steps and num_mini_batches must be >= 1, got "
-                f"{args.per_device_train_batch_size}, {args.gradient_accumulation_steps} and {args.num_mini_batches}."
-            )
+        sizes = {name: getattr(args, name) for name in ("per_device_train_batch_size", "gradient_accumulation_steps",
+                                                         "num_mini_batches", "num_ppo_epochs")}  # fmt: skip
+        wrong = {name: value for name, value in sizes.items() if not isinstance(value, int) or value < 1}
+        if wrong:
+            raise ValueError(f"{', '.join(f'{k}={v!r}' for k, v in wrong.items())}: each must be an integer >= 1.")
         if args.total_episodes is None:
             args.total_episodes = int(args.num_train_epochs * self.train_dataset_len)
         if args.total_episodes < 1:
@@ -244,17 +237,11 @@ class OnlineMusicTrainer(Trainer):
                 "num_train_epochs."
             )
         args.world_size = self.accelerator.num_processes
-        args.local_batch_size = args.per_device_train_batch_size * args.gradient_accumulation_steps
         args.micro_batch_size = args.per_device_train_batch_size * args.world_size
+        args.local_mini_batch_size = args.per_device_train_batch_size * args.gradient_accumulation_steps
+        args.mini_batch_size = args.local_mini_batch_size * args.world_size
+        args.local_batch_size = args.local_mini_batch_size * args.num_mini_batches
         args.batch_size = args.local_batch_size * args.world_size
-        args.mini_batch_size = exact_div(
-            args.batch_size, args.num_mini_batches, "batch_size must be a multiple of num_mini_batches"
-        )
-        args.local_mini_batch_size = exact_div(
-            args.local_batch_size,
-            args.num_mini_batches,
-            "per_device_train_batch_size x gradient_accumulation_steps must be a multiple of num_mini_batches",
-        )
         args.num_total_batches = math.ceil(args.total_episodes / args.batch_size)
 
     @contextlib.contextmanager

@@ -27,6 +27,9 @@ UNUSED_TRL_PPO_FIELDS = {
     "dataset_num_proc": (None, "prompts need no preprocessing"),
 }
 
+#: 253 decoder steps: 250 frames (5 s at MusicGen's 50 Hz) + 4 codebooks - 1.
+DEFAULT_RESPONSE_LENGTH = 253
+
 #: Sizes the trainer computes from the batch settings and the number of processes (as TRL's PPOTrainer did).
 COMPUTED_BATCH_FIELDS = (
     "world_size",
@@ -72,7 +75,8 @@ class MusicPPOConfig(TrainingArguments):
 
     Parameters that control generation:
         response_length (`int`, defaults to `253`): decoder steps per rollout (frames + K - 1; 50 frames = 1 s).
-        audio_duration_s (`float`, *optional*): rollout length in seconds instead; overrides `response_length`.
+        audio_duration_s (`float`, *optional*): rollout length in seconds instead of `response_length` (setting
+            both is an error).
         temperature (`float`, defaults to `0.99`): sampling temperature (MusicRL: 0.99).
         top_k (`int`, defaults to `0`): top-k filtering, 0 for the whole codebook. MusicGen ships 250; any value
             here is applied identically when sampling and when computing log-probs and ratios. The KL to the anchor
@@ -101,7 +105,9 @@ class MusicPPOConfig(TrainingArguments):
         kl_penalty (`"loss"` or `"reward"`, defaults to `"loss"`): where the KL to the anchor enters (see above):
             as an analytic loss term (MusicRL) or as a per-step reward penalty (TRL's shaping).
         kl_estimator (`"full"`, `"k1"` or `"k3"`, defaults to `"full"`): `"full"` is the exact KL summed over
-            the codebook at every step (MusicRL); `k1`/`k3` are TRL's one-sample estimators from the sampled codes.
+            the codebook at every step (MusicRL); `k1`/`k3` are TRL's one-sample estimators from the sampled codes,
+            allowed only with `kl_penalty="reward"` (as a loss term their gradient does not anchor: k1's expectation
+            is zero, k3's is the reverse KL's).
         kl_coef (`float`, defaults to `0.05`): weight of the KL term; MusicRL's alpha = kl_coef / (1 + kl_coef).
         num_ppo_epochs (`int`, defaults to `1`): gradient passes per rollout batch (MusicRL: 1).
         gamma (`float`, defaults to `1.0`), lam (`float`, defaults to `1.0`): discount and GAE lambda (MusicRL:
@@ -111,11 +117,17 @@ class MusicPPOConfig(TrainingArguments):
     Parameters that control the batches (TRL's PPO names and arithmetic):
         total_episodes (`int`, *optional*): rollouts to sample in the whole run; default `num_train_epochs` times
             the number of prompts. The run makes `num_total_batches = ceil(total_episodes / batch_size)` updates.
-        per_device_train_batch_size (`int`, defaults to `4`), gradient_accumulation_steps (`int`, defaults to
-            `1`): each process samples `local_batch_size = per_device_train_batch_size * gradient_accumulation_steps`
-            rollouts per update; `batch_size = local_batch_size * world_size` over all processes.
-        num_mini_batches (`int`, defaults to `1`): mini-batches each local batch is split into for the update
-            (`local_mini_batch_size = local_batch_size / num_mini_batches`; it must divide).
+        per_device_train_batch_size (`int`, defaults to `4`): rollouts in one forward/backward (a micro-batch).
+        gradient_accumulation_steps (`int`, defaults to `1`): micro-batches whose gradients add up to one optimizer
+            step (a mini-batch of `local_mini_batch_size = per_device_train_batch_size * gradient_accumulation_steps`
+            rollouts per process).
+        num_mini_batches (`int`, defaults to `1`): mini-batches, i.e. optimizer steps, per PPO epoch. Each process
+            samples `local_batch_size = local_mini_batch_size * num_mini_batches` rollouts per update, `batch_size =
+            local_batch_size * world_size` in all; an update makes `num_ppo_epochs * num_mini_batches` steps.
+            TRL's PPOTrainer (<= 1.12) sampled `per_device_train_batch_size * gradient_accumulation_steps` rollouts
+            and split them into `num_mini_batches`, while accelerate stepped every `gradient_accumulation_steps`
+            micro-batches: with several mini-batches it made one step for all of them. With `num_mini_batches=1`
+            the two agree.
         cliprange (`float`, defaults to `0.2`), cliprange_value (`float`, defaults to `0.2`): PPO's clip of the
             probability ratio and of the value update.
         vf_coef (`float`, defaults to `0.1`): weight of the value loss.
@@ -131,6 +143,10 @@ class MusicPPOConfig(TrainingArguments):
     defaults: the trainer does not use them, and a changed value is an error that says what to use instead.
 
     Parameters that control the optimisation:
+        max_grad_norm (`float`, defaults to `1.0`): the gradient norm is clipped to this before every optimizer
+            step (`None` or 0: not clipped) and logged as `grad_norm` (TRL's PPOTrainer never clipped). A step whose
+            gradient norm is not finite, or whose mini-batch kept no sample, is skipped with a warning and counted
+            in `objective/skipped_steps`; the weights never take a non-finite value from a reward.
         learning_rate (`float`, defaults to `1e-5`): a starting point for full fine-tuning of musicgen-small; LoRA
             usually wants about 10x more. Tiny test models learn at 1e-3 to 1e-2.
         lr_scheduler_type (defaults to `"constant"`, no warmup): transformers' default linear decay to zero took
@@ -182,6 +198,7 @@ class MusicPPOConfig(TrainingArguments):
     log-likelihood of the sampled codes), `rewards/<name>/mean`, `policy/entropy_q{k}` (per codebook),
     `policy/approxkl_avg`, `policy/clipfrac_avg`, `policy/first_ratio_max_error` (on-policy check, ~0),
     `loss/policy_avg`, `loss/kl_avg` (the KL loss term, mean per step), `loss/value_avg`, `val/ratio`, `lr`,
+    `grad_norm` (before clipping, mean over the update's optimizer steps), `objective/skipped_steps`,
     and `timing/rollout_s`, `timing/rewards_s`, `timing/update_s` (seconds per phase of the update).
     """
 
@@ -223,7 +240,8 @@ class MusicPPOConfig(TrainingArguments):
         },
     )
     response_length: int = field(
-        default=253, metadata={"help": "Decoder steps per rollout (frames + K - 1; MusicGen makes 50 frames/s)."}
+        default=DEFAULT_RESPONSE_LENGTH,
+        metadata={"help": "Decoder steps per rollout (frames + K - 1; MusicGen makes 50 frames/s)."},
     )
     bf16: bool | None = field(default=False, metadata={"help": "bf16 mixed precision (set it on GPUs)."})
     ddp_find_unused_parameters: bool | None = field(
@@ -237,7 +255,13 @@ class MusicPPOConfig(TrainingArguments):
     gradient_checkpointing: bool = field(
         default=False, metadata={"help": "Recompute activations in the backward pass to save memory."}
     )
-    logging_steps: float = field(default=1, metadata={"help": "Log every this many updates."})
+    logging_steps: float = field(
+        default=1,
+        metadata={
+            "help": "Log every this many updates (a ratio < 1: that fraction of the run); the metrics are averaged "
+            "over the updates since the last log."
+        },
+    )
     per_device_train_batch_size: int = field(default=4, metadata={"help": "Rollouts per device per micro-batch."})
     save_strategy: str = field(
         default="no", metadata={"help": "Checkpoint strategy ('no' or 'steps' with save_steps)."}
@@ -396,6 +420,21 @@ class MusicPPOConfig(TrainingArguments):
             raise ValueError(f"kl_coef must be >= 0 (0 removes the anchor), got {self.kl_coef}.")
         if self.kl_estimator not in ("full", "k1", "k3"):
             raise ValueError(f"kl_estimator must be 'full', 'k1' or 'k3', got {self.kl_estimator!r}.")
+        if self.kl_penalty == "loss" and self.kl_estimator != "full":
+            # Differentiated as a loss, k1's expected gradient is zero and k3's is that of the reverse KL.
+            raise ValueError(
+                f"kl_estimator={self.kl_estimator!r} cannot be a loss term (kl_penalty='loss'): its gradient does not "
+                "pull the policy towards the anchor (k1's expected gradient is 0, k3's is the reverse KL's). Use "
+                "kl_estimator='full' (the exact KL over the codebook, MusicRL's), or kl_penalty='reward' to put a "
+                "k1/k3 estimate into the rewards as TRL's PPO did."
+            )
+        if self.audio_duration_s is not None and self.response_length != DEFAULT_RESPONSE_LENGTH:
+            raise ValueError(
+                f"audio_duration_s={self.audio_duration_s} and response_length={self.response_length} both set the "
+                "rollout length: give one of them."
+            )
+        if self.max_grad_norm is not None and (self.max_grad_norm < 0 or self.max_grad_norm != self.max_grad_norm):
+            raise ValueError(f"max_grad_norm must be >= 0 (0 or None: no clipping), got {self.max_grad_norm}.")
         if self.rollout_backend not in ("generate", "static", "compiled"):
             raise ValueError(
                 f"rollout_backend must be 'generate', 'static' or 'compiled', got {self.rollout_backend!r}."

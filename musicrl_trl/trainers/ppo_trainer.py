@@ -3,35 +3,46 @@
 Shape letters: B rollouts in the local batch, K codebooks, T frames, A = S - 1 decoder steps (the RL horizon: one
 step draws the K codes of one column of the delayed layout), V codebook size, H hidden size.
 
-One update, top to bottom (``train``):
-  1. rollout: the policy samples music for a batch of prompts (``musicrl_trl.rollout.generate_rollout``), recording
-     the codes and their log-probs under the sampling distribution (the old log-probs of the policy gradient);
-  2. rewards: every reward function scores the decoded audio (and/or codes); scores combine with ``reward_weights``;
-  3. anchor: the reference model's log-distribution over the whole codebook at every step, for the exact KL;
-  4. advantages: the score at the last step (minus ``kl_coef * KL`` at every step with ``kl_penalty="reward"``),
-     GAE(gamma, lam) against the value network (MusicRL: gamma = lam = 1, i.e. return minus baseline);
-  5. update: ``num_ppo_epochs`` passes of clipped policy gradient + value regression (+ ``kl_coef * KL`` as an
-     analytic loss term with ``kl_penalty="loss"``, MusicRL's objective) over mini-batches.
+One update, top to bottom (``train``, one named method per step, filling an :class:`UpdateBatch`):
+  1. rollout (``_rollout_and_score``): the policy samples music for a batch of prompts
+     (``musicrl_trl.rollout.generate_rollout``), recording the codes and their log-probs under the sampling
+     distribution (the old log-probs of the policy gradient);
+  2. rewards (``_score``): every reward function scores the decoded audio (and/or codes); scores combine with
+     ``reward_weights``; non-finite ones are an error or, with ``drop_nonfinite_rewards``, drop their rollout;
+  3. anchor (``_anchor_and_advantages``): the reference model's log-distribution over the whole codebook at every
+     step, for the exact KL;
+  4. advantages (``_advantages_and_returns``): the score at the last step (minus ``kl_coef * KL`` at every step with
+     ``kl_penalty="reward"``), GAE(gamma, lam) against the value network (MusicRL: gamma = lam = 1, i.e. return minus
+     baseline);
+  5. update (``_ppo_update``): ``num_ppo_epochs`` passes over mini-batches, one optimizer step each (clipped to
+     ``max_grad_norm``), of the loss in :mod:`.ppo_loss`: clipped policy gradient + value regression (+ ``kl_coef *
+     KL`` as an analytic loss term with ``kl_penalty="loss"``, MusicRL's objective);
+  6. metrics (``_update_metrics``), logged every ``logging_steps`` updates.
 In MusicRL's setting (one pass, one mini-batch) steps 4 and 5 share one forward: the values and the policy's KL
 before the update are read from the training forward itself (detached), so an update costs the rollout, the rewards,
 one anchor forward and one policy/value forward and backward. With several passes or mini-batches PPO needs them
 fixed beforehand, and one extra no-grad forward computes them.
 Metrics keep TRL's names (``objective/kl``, ``objective/scores``, ``policy/approxkl_avg``, ``val/ratio``, ...); the
 full list is in :class:`MusicPPOConfig`'s docstring.
+
+Why this file is longer than ~600 lines: it is the one trainer a reader follows top to bottom (set-up, the update's
+steps, evaluation, saving and resuming). What is not specific to it lives beside it: the on-policy set-up in
+:mod:`.base`, the loss in :mod:`.ppo_loss`, the value network in :mod:`.value_model`, publishing in
+:mod:`.publishing`, crash-safe checkpoints in :mod:`.checkpointing`.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import copy
 import dataclasses
-import json
+import logging
 import math
 import os
 import time
 from collections.abc import Callable, Sequence
 
-import numpy as np
 import torch
 import torch.nn as nn
 from datasets import Dataset
@@ -58,12 +69,16 @@ from ..rollout import (
     sampling_log_dist,
     unwrap_musicgen,
 )
-from .base import OnlineMusicTrainer, OnlineTrainerState, masked_mean, masked_whiten, zero_dropout
+from .base import OnlineMusicTrainer, OnlineTrainerState, masked_whiten, zero_dropout
 from .checkpointing import CrashSafeCheckpointsMixin
 from .ppo_config import MusicPPOConfig
+from .ppo_loss import PPOLossConfig, PPOMicroBatch, ppo_loss
+from .publishing import PolicyPublishingMixin
 from .value_model import VALUE_WEIGHTS_NAME, MusicPolicyAndValue, MusicValueModel, load_value_model, save_value_model
 
 __all__ = ["MusicPPOTrainer", "MusicValueModel", "MusicPolicyAndValue", "zero_dropout"]
+
+logger = logging.getLogger(__name__)
 
 RewardFunction = Callable[..., torch.Tensor | Sequence[float]]
 
@@ -84,11 +99,47 @@ class MusicProgressCallback(ProgressCallback):
             )
 
 
+class AdapterDisabledView(nn.Module):
+    """A LoRA policy seen as its anchor: every forward runs inside ``null_ref_context`` (adapter disabled, or the
+    reference adapter active), so that code written for two models (``evaluation.drift.kl_per_clip``) takes it as the
+    second one without a copy."""
+
+    def __init__(self, policy: nn.Module, null_ref_context: Callable):
+        super().__init__()
+        self.module = policy
+        self._null_ref_context = null_ref_context
+
+    def get_base_model(self) -> nn.Module:
+        return unwrap_musicgen(self.module)
+
+    def forward(self, *args, **kwargs):
+        with self._null_ref_context():
+            return self.module(*args, **kwargs)
+
+
+@dataclasses.dataclass
+class UpdateBatch:
+    """What one update knows about its local batch, filled in step by step (shapes: B rollouts, A decoder steps)."""
+
+    rollout: MusicRollout
+    scores: torch.Tensor  # [B] combined reward (0 where dropped)
+    per_reward_scores: dict[str, torch.Tensor]  # name -> [B], as each reward returned them
+    sample_mask: torch.Tensor  # [B] bool, rollouts whose rewards are all finite
+    step_mask: torch.Tensor  # [B, A] the same per step
+    old_logprobs: torch.Tensor  # [B, A] log-probs of the taken steps under the sampling weights
+    ref_log_dist: torch.Tensor | None = None  # [B, K, T, V] the anchor's distributions (before any top-k cut)
+    ref_logprobs: torch.Tensor | None = None  # [B, K, T] the anchor's log-probs of the codes
+    kl: torch.Tensor | None = None  # [B, A] KL to the anchor per step, before the update
+    values: torch.Tensor | None = None  # [B, A] V(s_t) before the update
+    advantages: torch.Tensor | None = None  # [B, A]
+    returns: torch.Tensor | None = None  # [B, A] value targets
+
+
 def _collate_prompts(rows: list[dict]) -> dict[str, list[str]]:
     return {"prompt": [row["prompt"] for row in rows]}
 
 
-class MusicPPOTrainer(CrashSafeCheckpointsMixin, OnlineMusicTrainer):
+class MusicPPOTrainer(PolicyPublishingMixin, CrashSafeCheckpointsMixin, OnlineMusicTrainer):
     """RL fine-tuning of a MusicGen policy on sequence-level audio rewards, as in MusicRL.
 
     Args:
@@ -158,6 +209,7 @@ class MusicPPOTrainer(CrashSafeCheckpointsMixin, OnlineMusicTrainer):
         # differ from the anchor's, the cut distributions give a code the policy may draw probability 0 under the
         # anchor, and the exact KL (and its gradient, in the loss) is infinite. Ratios use the cut distribution.
         self.kl_sampling = dataclasses.replace(self.sampling, top_k=0)
+        self.loss_config = PPOLossConfig.from_args(args)
         self._check_precision_and_quantization(args, model, ref_model, peft_config)
         for module in (model, ref_model):
             if module is not None:
@@ -357,6 +409,13 @@ class MusicPPOTrainer(CrashSafeCheckpointsMixin, OnlineMusicTrainer):
             per_code = -log_ratio if self.args.kl_estimator == "k1" else log_ratio.exp() - 1 - log_ratio
         return codebooks.codes_to_steps(per_code, self.audio_channels)
 
+    def anchor_module(self) -> nn.Module:
+        """The KL anchor as a module: the separate reference model, or the LoRA policy seen with its adapter disabled
+        (:class:`AdapterDisabledView`)."""
+        if self.ref_model is not None:
+            return self.ref_model
+        return AdapterDisabledView(self.accelerator.unwrap_model(self.model).policy, self.null_ref_context)
+
     @torch.no_grad()
     def _anchor_log_dist(self, rollout: MusicRollout) -> torch.Tensor:
         guided = self.sampling.guided
@@ -408,196 +467,262 @@ class MusicPPOTrainer(CrashSafeCheckpointsMixin, OnlineMusicTrainer):
         args = self.args
         return args.num_ppo_epochs == 1 and args.num_mini_batches == 1 and args.gradient_accumulation_steps == 1
 
+    def _optimizer_step(self, kept_samples: torch.Tensor) -> torch.Tensor | None:
+        """Clip the summed gradients to ``max_grad_norm`` (None or 0: no clipping, the norm is still measured) and
+        step, unless the mini-batch kept no sample on any process or the gradient norm is not finite (then the
+        gradients are dropped with a warning). Returns the norm before clipping, or None for a skipped step."""
+        args, accelerator = self.args, self.accelerator
+        if accelerator.num_processes > 1:
+            kept_samples = accelerator.reduce(kept_samples.reshape(1), reduction="sum")
+        max_norm = args.max_grad_norm if args.max_grad_norm else float("inf")
+        parameters = [p for p in self.model.parameters() if p.requires_grad]
+        grad_norm = accelerator.clip_grad_norm_(parameters, max_norm)  # all-reduced gradients: equal on every rank
+        if kept_samples.sum() == 0 or not torch.isfinite(grad_norm):
+            reason = "no sample of the mini-batch has a finite reward" if kept_samples.sum() == 0 else (
+                f"the gradient norm is {grad_norm.item()}"
+            )
+            logger.warning(f"update {self.state.global_step + 1}: optimizer step skipped, {reason}.")
+            self.optimizer.zero_grad()
+            return None
+        self.optimizer.step()
+        self.optimizer.zero_grad()
+        return grad_norm.detach().float()
+
+    def _steps_from_ratio(self, steps: float) -> int:
+        """``steps`` updates, or a fraction of the run's updates when < 1 (rounded up, as transformers does)."""
+        return math.ceil(self.args.num_total_batches * steps) if steps < 1 else int(steps)
+
+    def _log_updates(self, pending_logs: list[dict[str, float]]) -> None:
+        """Log the metrics of the updates since the last log: means, and the latest ``lr``/``episode``/``eps``."""
+        latest = pending_logs[-1]
+        logs = {
+            name: latest[name] if name in ("lr", "episode", "eps") else sum(e[name] for e in pending_logs if name in e)
+            / sum(name in e for e in pending_logs)
+            for name in latest
+        }
+        if "objective/skipped_steps" in logs:  # a count, summed over the updates
+            logs["objective/skipped_steps"] = sum(e["objective/skipped_steps"] for e in pending_logs)
+        pending_logs.clear()
+        self.log(logs)
+        self.control.should_log = False
+
     # ------------------------------------------------------------------ the loop
     def train(self, resume_from_checkpoint: str | bool | None = None):
-        args, accelerator, device = self.args, self.accelerator, self.accelerator.device
-        model, optimizer = self.model, self.optimizer
-
+        """Run ``num_total_batches`` updates (see the module docstring); ``resume_from_checkpoint``: a
+        ``checkpoint-N`` folder, or ``True`` for the newest complete one in ``output_dir``."""
+        args = self.args
         self.state.global_step = 0
         self.state.episode = 0
         self.state.max_steps = args.num_total_batches
         self.state.num_train_epochs = args.total_episodes / self.train_dataset_len
-        self.state.logging_steps = args.logging_steps
-        self.state.save_steps = args.save_steps
+        # Ratios (< 1) are fractions of the run's updates, as transformers.Trainer reads them.
+        self.state.logging_steps = self._steps_from_ratio(args.logging_steps)
+        self.state.save_steps = self._steps_from_ratio(args.save_steps)
+        if args.eval_steps is not None:
+            self.state.eval_steps = self._steps_from_ratio(args.eval_steps)
         if resume_from_checkpoint:
             self._resume(resume_from_checkpoint)
-        start_update = self.state.global_step
         self.control = self.callback_handler.on_train_begin(args, self.state, self.control)
-        start_time = time.time()
-        model.train()
+        start_time, pending_logs = time.time(), []  # metrics of the updates since the last log
+        self.model.train()
 
-        for update in range(start_update, args.num_total_batches):
+        for update in range(self.state.global_step, args.num_total_batches):
             self.state.episode += args.batch_size
-            prompts = self._prompt_batch(update)
-
-            # 1. rollout (TRL's unwrap gathers ZeRO-3-sharded weights for the length of the sampling loop)
+            batch, timing = self._rollout_and_score(self._prompt_batch(update))
             tic = time.perf_counter()
-            with unwrap_model_for_generation(
-                model, accelerator, gather_deepspeed3_params=args.ds3_gather_for_generation
-            ) as unwrapped:
-                rollout = generate_rollout(
-                    unwrapped.policy, self.processing_class, prompts, num_steps=args.response_length,
-                    sampling=self.sampling, max_prompt_length=args.max_prompt_length, backend=args.rollout_backend,
-                )
-            unwrapped = accelerator.unwrap_model(model)
-            timing = {"rollout": time.perf_counter() - tic}
-            # 2. rewards
-            tic = time.perf_counter()
-            scores, per_reward_scores, sample_mask = self._score(rollout)
-            timing["rewards"] = time.perf_counter() - tic
-            tic = time.perf_counter()
-            step_mask = sample_mask[:, None].expand(-1, rollout.num_steps)  # [B, A]
-            old_step_logprobs = rollout.step_logprobs()  # [B, A] the sampling policy's, recorded by the rollout
-            # 3. anchor
-            ref_log_dist = self._anchor_log_dist(rollout)  # [B, K, T, V]
-            ref_logprobs = codebooks.gather_logprobs(ref_log_dist, rollout.codes)  # [B, K, T]
-            # 4. advantages: here when PPO needs values and KL fixed over several passes; in the single pass they
-            # come from the training forward below, which computes them under the same weights anyway.
-            single_pass = self._single_pass()
-            if not single_pass:
-                with torch.no_grad():
-                    output, values = unwrapped(
-                        rollout.prompt_ids, rollout.prompt_mask, rollout.grid, self.sampling.guided
-                    )
-                    kl_log_dist = self._kl_log_dist(output)
-                    kl_logprobs = codebooks.gather_logprobs(kl_log_dist, rollout.codes)
-                    kl = self._step_kl(kl_log_dist, ref_log_dist, kl_logprobs, ref_logprobs)  # [B, A]
-                    del output, kl_log_dist
-                    advantages, returns = self._advantages_and_returns(kl, scores, values, sample_mask)
-
-            # 5. update
-            stats = {name: [] for name in ("approxkl", "clipfrac", "pg_loss", "kl_loss", "vf_loss", "vf_clipfrac",
-                                           "entropy", "ratio", "first_ratio_error")}
-            # Gradients add up over gradient_accumulation_steps micro-batches before each optimizer step, as in TRL's
-            # PPOTrainer (through accelerate there; transformers.Trainer's Accelerator steps on every backward and
-            # leaves accumulation to its owner).
-            micro_step = 0
-            for epoch in range(args.num_ppo_epochs):
-                order = self._mini_batch_order(update, epoch)
-                for mb_start in range(0, args.local_batch_size, args.local_mini_batch_size):
-                    mini_batch = order[mb_start : mb_start + args.local_mini_batch_size]
-                    for micro_start in range(0, args.local_mini_batch_size, args.per_device_train_batch_size):
-                        mb = mini_batch[micro_start : micro_start + args.per_device_train_batch_size].to(device)
-                        mb_mask = step_mask[mb]
-                        micro_step += 1
-                        sync = micro_step % args.gradient_accumulation_steps == 0
-                        with contextlib.nullcontext() if sync else accelerator.no_sync(model):
-                            mb_output, vpred = model(
-                                rollout.prompt_ids[mb], rollout.prompt_mask[mb], rollout.grid[mb], self.sampling.guided
-                            )
-                            mb_log_dist, mb_new_logprobs = self._code_logprobs(mb_output, rollout.codes[mb])
-                            mb_kl_log_dist = self._kl_log_dist(mb_output, mb_log_dist)
-                            mb_kl = self._step_kl(
-                                mb_kl_log_dist, ref_log_dist[mb],
-                                codebooks.gather_logprobs(mb_kl_log_dist, rollout.codes[mb]), ref_logprobs[mb],
-                            )
-                            if single_pass:  # mb is the whole local batch, in some order
-                                kl = torch.empty_like(mb_kl).index_copy_(0, mb, mb_kl.detach())
-                                values = torch.empty_like(vpred).index_copy_(0, mb, vpred.detach())
-                                advantages, returns = self._advantages_and_returns(kl, scores, values, sample_mask)
-                            new_logprobs = codebooks.codes_to_steps(mb_new_logprobs, self.audio_channels)
-                            logprobs_diff = new_logprobs - old_step_logprobs[mb]
-                            ratio = torch.exp(logprobs_diff)
-                            pg_losses = -advantages[mb] * ratio
-                            pg_losses2 = -advantages[mb] * torch.clamp(ratio, 1 - args.cliprange, 1 + args.cliprange)
-                            pg_loss = masked_mean(torch.max(pg_losses, pg_losses2), mb_mask)
-                            vpred_clipped = torch.clamp(
-                                vpred, values[mb] - args.cliprange_value, values[mb] + args.cliprange_value
-                            )
-                            vf_losses1 = torch.square(vpred - returns[mb])
-                            vf_losses2 = torch.square(vpred_clipped - returns[mb])
-                            vf_loss = 0.5 * masked_mean(torch.max(vf_losses1, vf_losses2), mb_mask)
-                            # MusicRL's KL term, mean per step like pg_loss: its gradient flows analytically through
-                            # the policy's distribution over the whole codebook (kl_estimator="full").
-                            kl_loss = masked_mean(mb_kl, mb_mask)
-                            loss = pg_loss + args.vf_coef * vf_loss
-                            if args.kl_penalty == "loss":
-                                loss = loss + args.kl_coef * kl_loss
-                            accelerator.backward(loss / args.gradient_accumulation_steps)
-                            if sync:
-                                optimizer.step()
-                                optimizer.zero_grad()
-                        with torch.no_grad():
-                            stats["approxkl"].append(0.5 * masked_mean(logprobs_diff**2, mb_mask))
-                            stats["clipfrac"].append(masked_mean((pg_losses2 > pg_losses).float(), mb_mask))
-                            stats["pg_loss"].append(pg_loss)
-                            stats["kl_loss"].append(kl_loss)
-                            stats["vf_loss"].append(vf_loss)
-                            stats["vf_clipfrac"].append(masked_mean((vf_losses2 > vf_losses1).float(), mb_mask))
-                            stats["entropy"].append(codebooks.entropy(mb_log_dist).mean())
-                            stats["ratio"].append(masked_mean(ratio, mb_mask))
-                            if epoch == 0 and mb_start == 0:
-                                # On-policy check: before any update the new policy is the sampling policy.
-                                stats["first_ratio_error"].append((ratio - 1).abs().max())
-                        del mb_output, mb_log_dist, mb_kl_log_dist, mb_kl
-            non_score_reward = -args.kl_coef * kl  # [B, A], for the metrics in both KL forms
+            self._anchor_and_advantages(batch)
+            stats = self._ppo_update(batch, update)
             timing["update"] = time.perf_counter() - tic
-
-            # metrics
-            with torch.no_grad():
-                def mean_of(x):
-                    values_ = torch.as_tensor(x, device=device, dtype=torch.float32).reshape(-1)
-                    return accelerator.gather_for_metrics(values_).mean().item()
-
-                kept = sample_mask.float()
-                mean_kl = (kl.sum(1) * kept).sum() / kept.sum().clamp(min=1)
-                mean_non_score = (non_score_reward.sum(1) * kept).sum() / kept.sum().clamp(min=1)
-                mean_score = (scores * kept).sum() / kept.sum().clamp(min=1)
-                metrics = {
-                    "eps": int(self.state.episode / (time.time() - start_time)),
-                    "objective/kl": mean_of(mean_kl),
-                    "objective/entropy": mean_of(-(rollout.logprobs.sum((1, 2)))),
-                    "objective/non_score_reward": mean_of(mean_non_score),
-                    "objective/rlhf_reward": mean_of(mean_non_score + mean_score),
-                    "objective/scores": mean_of(mean_score),
-                    "objective/dropped_samples": mean_of((~sample_mask).sum()) * accelerator.num_processes,
-                    "policy/approxkl_avg": mean_of(torch.stack(stats["approxkl"])),
-                    "policy/clipfrac_avg": mean_of(torch.stack(stats["clipfrac"])),
-                    "policy/entropy_avg": mean_of(torch.stack(stats["entropy"])),
-                    "policy/first_ratio_max_error": mean_of(torch.stack(stats["first_ratio_error"]).max()),
-                    "loss/policy_avg": mean_of(torch.stack(stats["pg_loss"])),
-                    "loss/kl_avg": mean_of(torch.stack(stats["kl_loss"])),
-                    "loss/value_avg": mean_of(torch.stack(stats["vf_loss"])),
-                    "val/clipfrac_avg": mean_of(torch.stack(stats["vf_clipfrac"])),
-                    "val/ratio": mean_of(torch.stack(stats["ratio"])),
-                    "val/ratio_var": torch.stack(stats["ratio"]).var().item() if len(stats["ratio"]) > 1 else 0.0,
-                }
-                for k, entropy in enumerate(rollout.entropies.mean(0)):
-                    metrics[f"policy/entropy_q{k}"] = mean_of(entropy)
-                for name, reward_scores in per_reward_scores.items():
-                    finite = torch.isfinite(reward_scores)
-                    metrics[f"rewards/{name}/mean"] = mean_of(reward_scores[finite].mean() if finite.any() else 0.0)
-                for phase, seconds in timing.items():
-                    metrics[f"timing/{phase}_s"] = seconds
-                metrics["lr"] = self.lr_scheduler.get_last_lr()[0]
-                metrics["episode"] = self.state.episode
-                self.state.epoch = self.state.episode / self.train_dataset_len
-                self.state.global_step += 1
-                self.log(metrics)
+            pending_logs.append(self._update_metrics(batch, stats, timing, start_time))
+            self.state.epoch = self.state.episode / self.train_dataset_len
+            self.state.global_step += 1
 
             self.lr_scheduler.step()
             self.control = self.callback_handler.on_step_end(args, self.state, self.control)
+            if self.control.should_log:  # every logging_steps updates (DefaultFlowCallback)
+                self._log_updates(pending_logs)
             if self.control.should_evaluate:  # every eval_steps with eval_strategy="steps"
                 self.evaluate()
             if self.control.should_save:
-                self._save_checkpoint(model, trial=None)
+                self._save_checkpoint(self.model, trial=None)
                 self.control = self.callback_handler.on_save(args, self.state, self.control)
             if self.control.should_training_stop:
                 break
 
+        if pending_logs:
+            self._log_updates(pending_logs)
         self.control = self.callback_handler.on_train_end(args, self.state, self.control)
         if self.control.should_save:
-            self._save_checkpoint(model, trial=None)
+            self._save_checkpoint(self.model, trial=None)
             self.control = self.callback_handler.on_save(args, self.state, self.control)
         if args.plot_training_curves and self.accelerator.is_main_process:
             self.write_training_curves(args.output_dir)
 
+    def _rollout_and_score(self, prompts: list[str]) -> tuple[UpdateBatch, dict[str, float]]:
+        """Steps 1 and 2: sample rollouts for ``prompts`` and score them; seconds spent in each."""
+        args, accelerator = self.args, self.accelerator
+        tic = time.perf_counter()
+        # TRL's unwrap gathers ZeRO-3-sharded weights for the length of the sampling loop.
+        with unwrap_model_for_generation(
+            self.model, accelerator, gather_deepspeed3_params=args.ds3_gather_for_generation
+        ) as unwrapped:
+            rollout = generate_rollout(
+                unwrapped.policy, self.processing_class, prompts, num_steps=args.response_length,
+                sampling=self.sampling, max_prompt_length=args.max_prompt_length, backend=args.rollout_backend,
+            )
+        timing = {"rollout": time.perf_counter() - tic}
+        tic = time.perf_counter()
+        scores, per_reward_scores, sample_mask = self._score(rollout)
+        timing["rewards"] = time.perf_counter() - tic
+        batch = UpdateBatch(
+            rollout=rollout, scores=scores, per_reward_scores=per_reward_scores, sample_mask=sample_mask,
+            step_mask=sample_mask[:, None].expand(-1, rollout.num_steps),
+            old_logprobs=rollout.step_logprobs(),  # the sampling policy's, recorded by the rollout
+        )
+        return batch, timing
+
+    @torch.no_grad()
+    def _anchor_and_advantages(self, batch: UpdateBatch) -> None:
+        """Steps 3 and 4: the anchor's distributions; with mixed precision the old log-probs again, in the training
+        forward's precision; and, when PPO needs them fixed over several passes, values, KL and advantages (in the
+        single pass they come from the training forward itself, which computes them under the same weights)."""
+        rollout = batch.rollout
+        batch.ref_log_dist = self._anchor_log_dist(rollout)  # [B, K, T, V]
+        batch.ref_logprobs = codebooks.gather_logprobs(batch.ref_log_dist, rollout.codes)  # [B, K, T]
+        mixed_precision = self.accelerator.mixed_precision != "no"
+        if self._single_pass() and not mixed_precision:
+            return
+        # The training module's forward: under autocast with mixed precision.
+        output, values = self.accelerator.unwrap_model(self.model)(
+            rollout.prompt_ids, rollout.prompt_mask, rollout.grid, self.sampling.guided
+        )
+        if mixed_precision:
+            # The rollout samples in float32; against bf16 log-probs the first ratio was off by up to 0.16 per step,
+            # enough for PPO's clip to fire in MusicRL's single pass, where the ratio is 1 by definition.
+            batch.old_logprobs = codebooks.codes_to_steps(
+                self._code_logprobs(output, rollout.codes)[1], self.audio_channels
+            )
+        if not self._single_pass():
+            kl_log_dist = self._kl_log_dist(output)
+            kl = self._step_kl(
+                kl_log_dist, batch.ref_log_dist, codebooks.gather_logprobs(kl_log_dist, rollout.codes),
+                batch.ref_logprobs,
+            )
+            self._set_advantages(batch, kl, values)
+
+    def _set_advantages(self, batch: UpdateBatch, kl: torch.Tensor, values: torch.Tensor) -> None:
+        batch.kl, batch.values = kl, values
+        batch.advantages, batch.returns = self._advantages_and_returns(kl, batch.scores, values, batch.sample_mask)
+
+    def _ppo_update(self, batch: UpdateBatch, update: int) -> dict[str, list[torch.Tensor]]:
+        """Step 5: ``num_ppo_epochs`` passes over the local batch in mini-batches, one optimizer step per mini-batch
+        of ``gradient_accumulation_steps`` micro-batches; the statistics of every micro-batch (detached)."""
+        args, accelerator, model = self.args, self.accelerator, self.model
+        rollout, single_pass = batch.rollout, self._single_pass()
+        stats = collections.defaultdict(list)
+        for epoch in range(args.num_ppo_epochs):
+            order = self._mini_batch_order(update, epoch).to(accelerator.device)
+            for mb_start in range(0, args.local_batch_size, args.local_mini_batch_size):
+                mini_batch = order[mb_start : mb_start + args.local_mini_batch_size]
+                micro_batches = mini_batch.split(args.per_device_train_batch_size)
+                for micro, mb in enumerate(micro_batches):
+                    sync = micro == len(micro_batches) - 1  # DDP all-reduces the summed gradients once
+                    with contextlib.nullcontext() if sync else accelerator.no_sync(model):
+                        mb_output, vpred = model(
+                            rollout.prompt_ids[mb], rollout.prompt_mask[mb], rollout.grid[mb], self.sampling.guided
+                        )
+                        mb_log_dist, mb_new_logprobs = self._code_logprobs(mb_output, rollout.codes[mb])
+                        # The KL needs a gradient only as MusicRL's loss term (analytic, over the whole codebook).
+                        with torch.enable_grad() if args.kl_penalty == "loss" else torch.no_grad():
+                            mb_kl_log_dist = self._kl_log_dist(mb_output, mb_log_dist)
+                            mb_kl = self._step_kl(
+                                mb_kl_log_dist, batch.ref_log_dist[mb],
+                                codebooks.gather_logprobs(mb_kl_log_dist, rollout.codes[mb]), batch.ref_logprobs[mb],
+                            )
+                        if single_pass:  # mb is the whole local batch, in some order
+                            self._set_advantages(
+                                batch, torch.empty_like(mb_kl).index_copy_(0, mb, mb_kl.detach()),
+                                torch.empty_like(vpred).index_copy_(0, mb, vpred.detach()),
+                            )
+                        loss, mb_stats = ppo_loss(
+                            PPOMicroBatch(
+                                logprobs=codebooks.codes_to_steps(mb_new_logprobs, self.audio_channels),
+                                old_logprobs=batch.old_logprobs[mb], advantages=batch.advantages[mb], values=vpred,
+                                old_values=batch.values[mb], returns=batch.returns[mb], kl=mb_kl,
+                                mask=batch.step_mask[mb],
+                            ),
+                            self.loss_config,
+                        )
+                        accelerator.backward(loss / len(micro_batches))
+                    for name, value in mb_stats.items():
+                        stats[name].append(value)
+                    stats["entropy"].append(codebooks.entropy(mb_log_dist.detach()).mean())
+                    if epoch == 0 and mb_start == 0:
+                        # On-policy check: before the first optimizer step the policy is the sampling policy.
+                        stats["first_ratio_error"].append(mb_stats["ratio_max_error"])
+                    del mb_output, mb_log_dist, mb_kl_log_dist, mb_kl, loss
+                grad_norm = self._optimizer_step(kept_samples=batch.sample_mask[mini_batch].sum())
+                stats["skipped_steps"].append(torch.tensor(float(grad_norm is None), device=accelerator.device))
+                if grad_norm is not None:
+                    stats["grad_norm"].append(grad_norm)
+        return stats
+
+    @torch.no_grad()
+    def _update_metrics(
+        self, batch: UpdateBatch, stats: dict[str, list[torch.Tensor]], timing: dict[str, float], start_time: float
+    ) -> dict[str, float]:
+        """The metrics of one update (TRL's names, listed in :class:`MusicPPOConfig`), averaged over processes."""
+        accelerator, device = self.accelerator, self.accelerator.device
+
+        def mean_of(x):
+            values = torch.as_tensor(x, device=device, dtype=torch.float32).reshape(-1)
+            return accelerator.gather_for_metrics(values).mean().item()
+
+        kept = batch.sample_mask.float()
+        mean_kl = (batch.kl.sum(1) * kept).sum() / kept.sum().clamp(min=1)
+        mean_non_score = -self.args.kl_coef * mean_kl  # in both KL forms
+        mean_score = (batch.scores * kept).sum() / kept.sum().clamp(min=1)
+        metrics = {
+            "eps": int(self.state.episode / (time.time() - start_time)),
+            "objective/kl": mean_of(mean_kl),
+            "objective/entropy": mean_of(-(batch.rollout.logprobs.sum((1, 2)))),
+            "objective/non_score_reward": mean_of(mean_non_score),
+            "objective/rlhf_reward": mean_of(mean_non_score + mean_score),
+            "objective/scores": mean_of(mean_score),
+            "objective/dropped_samples": mean_of((~batch.sample_mask).sum()) * accelerator.num_processes,
+            # The decision to skip is the same on every process (taken on all-reduced quantities).
+            "objective/skipped_steps": torch.stack(stats["skipped_steps"]).sum().item(),
+            "policy/approxkl_avg": mean_of(torch.stack(stats["approxkl"])),
+            "policy/clipfrac_avg": mean_of(torch.stack(stats["clipfrac"])),
+            "policy/entropy_avg": mean_of(torch.stack(stats["entropy"])),
+            # A maximum over processes, not a mean.
+            "policy/first_ratio_max_error": accelerator.gather(
+                torch.stack(stats["first_ratio_error"]).max().reshape(1)
+            ).max().item(),
+            "loss/policy_avg": mean_of(torch.stack(stats["pg_loss"])),
+            "loss/kl_avg": mean_of(torch.stack(stats["kl_loss"])),
+            "loss/value_avg": mean_of(torch.stack(stats["vf_loss"])),
+            "val/clipfrac_avg": mean_of(torch.stack(stats["vf_clipfrac"])),
+            "val/ratio": mean_of(torch.stack(stats["ratio"])),
+            "val/ratio_var": torch.stack(stats["ratio"]).var().item() if len(stats["ratio"]) > 1 else 0.0,
+        }
+        if stats["grad_norm"]:
+            metrics["grad_norm"] = torch.stack(stats["grad_norm"]).mean().item()
+        for k, entropy in enumerate(batch.rollout.entropies.mean(0)):
+            metrics[f"policy/entropy_q{k}"] = mean_of(entropy)
+        for name, reward_scores in batch.per_reward_scores.items():
+            finite = torch.isfinite(reward_scores)
+            metrics[f"rewards/{name}/mean"] = mean_of(reward_scores[finite].mean() if finite.any() else 0.0)
+        for phase, seconds in timing.items():
+            metrics[f"timing/{phase}_s"] = seconds
+        metrics["lr"] = self.lr_scheduler.get_last_lr()[0]
+        metrics["episode"] = self.state.episode
+        return metrics
+
     # ------------------------------------------------------------------ evaluation: drift and diversity
     def _init_evaluation(self, args: MusicPPOConfig, eval_dataset) -> None:
         if args.eval_steps is not None:
-            # DefaultFlowCallback reads eval_steps from the state; TRL's own train() sets it, ours is replaced.
-            steps = args.eval_steps
-            self.state.eval_steps = math.ceil(args.num_total_batches * steps) if steps < 1 else int(steps)
+            self.state.eval_steps = self._steps_from_ratio(args.eval_steps)  # DefaultFlowCallback reads the state
 
     @torch.no_grad()
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
@@ -615,6 +740,7 @@ class MusicPPOTrainer(CrashSafeCheckpointsMixin, OnlineMusicTrainer):
           statistics, dB); ``eval/diversity/vendi_score``: their effective number (1 to M).
         """
         from ..evaluation.diversity import LogMelEmbedding, diversity
+        from ..evaluation.drift import kl_per_clip
 
         dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
         if dataset is None or len(dataset) == 0:
@@ -638,13 +764,8 @@ class MusicPPOTrainer(CrashSafeCheckpointsMixin, OnlineMusicTrainer):
                     sampling=self.sampling, max_prompt_length=args.max_prompt_length, backend=args.rollout_backend,
                 )
                 scores, per_reward, finite = self._score(rollout)
-                ref_log_dist = self._anchor_log_dist(rollout)
-                output = decoder_logits(
-                    policy, rollout.prompt_ids, rollout.prompt_mask, rollout.grid, self.sampling.guided
-                )
-                log_dist = self._kl_log_dist(output)
-                kl = codebooks.full_kl(log_dist, ref_log_dist).sum(dim=(1, 2))  # [M] nats per clip
-                del output, log_dist, ref_log_dist
+                with accelerator.autocast():  # policy and anchor both in the training precision, as in train()
+                    kl = kl_per_clip(policy, self.anchor_module(), rollout, sampling=self.sampling)  # [M] nats
                 spread = diversity(embedding(rollout.audio, rollout.sampling_rate).cpu(), embedding.metric,
                                    embedding.bandwidth)
                 sums["prompts"] += 1
@@ -677,21 +798,6 @@ class MusicPPOTrainer(CrashSafeCheckpointsMixin, OnlineMusicTrainer):
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(args, self.state, self.control, metrics)
         return metrics
-
-    # ------------------------------------------------------------------ sample generations
-    def generate_completions(self, sampling: bool = False):
-        """Sample music for the eval prompts and log their combined scores (TRL calls this for sample
-        generations; the audio itself is not logged)."""
-        if not self.eval_dataset:
-            return
-        prompts = list(self.eval_dataset["prompt"][: self.args.per_device_eval_batch_size])
-        rollout = generate_rollout(
-            self.accelerator.unwrap_model(self.model).policy, self.processing_class, prompts,
-            num_steps=self.args.response_length, sampling=self.sampling, max_prompt_length=self.args.max_prompt_length,
-            backend=self.args.rollout_backend,
-        )
-        scores, _, _ = self._score(rollout)
-        self.log({"eval/scores": scores.mean().item()})
 
     # ------------------------------------------------------------------ saving and resuming
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
@@ -781,200 +887,3 @@ class MusicPPOTrainer(CrashSafeCheckpointsMixin, OnlineMusicTrainer):
         self.state.global_step = saved.global_step
         self.state.episode = saved.global_step * self.args.batch_size
         self.state.log_history = saved.log_history
-
-    def write_training_curves(self, output_dir: str) -> None:
-        """``log_history.json`` and ``training_curves.png``: reward against KL and against step (the paper's plots)."""
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        os.makedirs(output_dir, exist_ok=True)
-        with open(os.path.join(output_dir, "log_history.json"), "w") as f:
-            json.dump(self.state.log_history, f, indent=2)
-        logs = [entry for entry in self.state.log_history if "objective/scores" in entry]
-        if not logs:
-            return
-        steps = [entry["step"] for entry in logs]
-        scores = [entry["objective/scores"] for entry in logs]
-        kls = [entry["objective/kl"] for entry in logs]
-        figure, (by_kl, by_step) = plt.subplots(1, 2, figsize=(10, 4))
-        by_kl.plot(kls, scores, marker="o", markersize=3)
-        by_kl.set(xlabel="KL(policy || anchor) per rollout", ylabel="reward", title="reward vs KL")
-        # Per-update rewards are noisy (a handful of clips each): a moving average shows the trend at a glance.
-        window = max(1, len(scores) // 10)
-        smoothed = np.convolve(scores, np.ones(window) / window, mode="valid")
-        by_step.plot(steps, scores, label="reward", alpha=0.4)
-        by_step.plot(steps[window - 1 :], smoothed, label=f"reward, mean of {window}", linewidth=2)
-        for name in self.reward_names:
-            key = f"rewards/{name}/mean"
-            if len(self.reward_names) > 1 and key in logs[0]:
-                by_step.plot(steps, [entry[key] for entry in logs], label=name, alpha=0.7)
-        by_step.set(xlabel="update", ylabel="reward", title="reward vs step")
-        by_step.legend()
-        figure.tight_layout()
-        figure.savefig(os.path.join(output_dir, "training_curves.png"), dpi=100)
-        plt.close(figure)
-
-    # ------------------------------------------------------------------ publishing (see musicrl_trl.hub)
-    def _capture_hub_sources(self, model, ref_model) -> None:
-        """Remember where the policy and the anchor came from (Hub id or the path given) and the launch command,
-        for the card and ``adapter_config.json``: a model object only keeps ``name_or_path``, which may name a
-        temporary folder that is gone by the time the model is pushed."""
-        self.hub_base_model = hub.model_source(model)
-        self.hub_anchor_model = hub.model_source(ref_model) if ref_model is not None else self.hub_base_model
-        self.hub_command = hub.launch_command()
-        self._hub_license_sources: list[hub.LicenseSource] | None = None
-
-    def _init_hub_publishing(self) -> None:
-        if self.is_peft_model and self.hub_base_model is not None:
-            # peft records the base model's name_or_path at wrapping time; make it the id or path the user gave.
-            for peft_config in self.accelerator.unwrap_model(self.model).policy.peft_config.values():
-                peft_config.base_model_name_or_path = self.hub_base_model
-        self.add_callback(hub.BeforeTrainingSamplesCallback(self))
-
-    def license_resolution(self, override: str | None = None) -> hub.LicenseResolution:
-        """The licence of the trained policy: ``override``, else the most restrictive among the base model, the
-        anchor and every reward model (read from their cards; see :func:`musicrl_trl.hub.resolve_license`)."""
-        from ..reward_models.combination import RewardCombination
-
-        if self._hub_license_sources is None:  # read once: every checkpoint writes a card
-            sources = [hub.find_license(self.hub_base_model, "base model")]
-            if self.hub_anchor_model != self.hub_base_model:
-                sources.append(hub.find_license(self.hub_anchor_model, "KL anchor"))
-            for name, reward in zip(self.reward_names, self.reward_funcs):
-                parts = reward.rewards.items() if isinstance(reward, RewardCombination) else [(name, reward)]
-                for part_name, part in parts:
-                    sources.append(hub.reward_license(part, f"reward '{part_name}'"))
-            self._hub_license_sources = sources
-        return hub.resolve_license(self._hub_license_sources, override)
-
-    def create_model_card(
-        self,
-        model_name: str | None = None,
-        dataset_name: str | None = None,
-        tags: str | list[str] | None = None,
-        output_dir: str | None = None,
-        license: str | None = None,
-        layout: str | None = None,
-        repo_id: str | None = None,
-        sample_url_prefix: str = "",
-    ) -> hub.LicenseResolution | None:
-        """Write the policy card (``hub_cards/policy_card.md.jinja``) to ``output_dir/README.md``, with audio samples
-        of the current policy (``samples/after_*.wav``) and the training curves. Replaces TRL's text-generation card;
-        TRL calls it before every checkpoint, whose folder then gets a copy. Returns the licence resolution."""
-        if not self.is_world_process_zero():
-            return None
-        output_dir = output_dir or self.args.output_dir
-        os.makedirs(output_dir, exist_ok=True)
-        if not sample_url_prefix and self.args.push_to_hub and self.hub_model_id:
-            sample_url_prefix = hub.resolve_url_prefix(self.hub_model_id, self.args.hub_revision)
-        hub.write_policy_samples(self, output_dir, "after")
-        if self.args.plot_training_curves and self.state.log_history:
-            self.write_training_curves(output_dir)
-        resolution = self.license_resolution(license or self.args.hub_license)
-        card = hub.render_policy_card(
-            self, layout or self._card_layout(), resolution,
-            repo_id=repo_id or self.args.hub_model_id, output_dir=output_dir, dataset_name=dataset_name,
-            sample_url_prefix=sample_url_prefix, tags=[tags] if isinstance(tags, str) else (tags or []),
-        )
-        with open(os.path.join(output_dir, hub.CARD_NAME), "w", encoding="utf-8") as handle:
-            handle.write(card)
-        return resolution
-
-    def push_to_hub(
-        self,
-        commit_message: str | None = "End of training",
-        blocking: bool = True,
-        token: str | None = None,
-        revision: str | None = None,
-        private: bool | None = None,
-        **kwargs,
-    ):
-        """Upload the policy, its card, samples and curves to ``args.hub_model_id`` (safetensors/JSON/text only).
-
-        A LoRA policy goes up as ``args.push_lora`` says (``push_lora=`` overrides it): ``"adapter"``, ``"merged"``
-        or ``"both"`` (merged at the root, adapter in ``adapter/``). ``dataset_name=``, ``license=`` and ``tags=`` go
-        to the card. Files the Hub already has are not uploaded again; an unchanged model makes no new commit.
-        Pushing a model with a non-commercial ingredient warns (``NonCommercialLicenseWarning``).
-        """
-        push_lora = kwargs.pop("push_lora", None) or self.args.push_lora
-        if push_lora not in ("adapter", "merged", "both"):
-            raise ValueError(f"push_lora must be 'adapter', 'merged' or 'both', got {push_lora!r}.")
-        self.callback_handler.on_push_begin(self.args, self.state, self.control)
-        token = token if token is not None else self.args.hub_token
-        if self.hub_model_id is None:
-            self.init_hf_repo(token=token, private=private)
-        output_dir = self.args.output_dir
-        self.save_model(output_dir, _internal_call=True)  # on every process (collective under DeepSpeed/FSDP)
-        if not self.is_world_process_zero():
-            return None
-        layout = self.hub_layout(push_lora)
-        if layout in ("merged", "both"):
-            self._save_merged_policy(os.path.join(output_dir, "merged"))
-        revision = revision or self.args.hub_revision
-        resolution = self.create_model_card(
-            dataset_name=kwargs.pop("dataset_name", None), tags=kwargs.pop("tags", None),
-            license=kwargs.pop("license", None), layout=layout, repo_id=self.hub_model_id,
-            sample_url_prefix=hub.resolve_url_prefix(self.hub_model_id, revision),
-        )
-        if kwargs:
-            raise TypeError(f"push_to_hub got unexpected arguments {sorted(kwargs)}.")
-        hub.warn_license(resolution, self.hub_model_id)
-        self._finish_current_push()
-        return hub.upload_files(
-            self.hub_model_id, self._hub_files(layout), commit_message, token=token, revision=revision,
-            run_as_future=not blocking,
-        )
-
-    def hub_layout(self, push_lora: str | None = None) -> str:
-        """What a push uploads: ``"full"`` weights for a fully trained policy; for LoRA, ``push_lora`` (default
-        ``args.push_lora``): ``"adapter"``, ``"merged"`` or ``"both"``."""
-        return (push_lora or self.args.push_lora) if self.is_peft_model else "full"
-
-    def _card_layout(self) -> str:
-        # A card describes the repo it will be pushed to, else the local output_dir (adapter at its root for LoRA).
-        if self.args.push_to_hub:
-            return self.hub_layout()
-        return "adapter" if self.is_peft_model else "full"
-
-    def _hub_files(self, layout: str, weights_folder: str | None = None) -> dict[str, str]:
-        """``path_in_repo -> local file`` of a push: the policy from ``weights_folder`` (``output_dir`` or a
-        checkpoint) as ``layout`` says, and the card, samples, curves and log from ``output_dir``."""
-        card_files = hub.hub_files(self.args.output_dir)
-        card_files = {path: local for path, local in card_files.items() if hub.is_card_file(path)}
-        weights = {
-            path: local
-            for path, local in hub.hub_files(weights_folder or self.args.output_dir, subfolders=()).items()
-            if not hub.is_card_file(path) and path not in (VALUE_WEIGHTS_NAME, "trainer_state.json")
-        }
-        if layout in ("merged", "both"):
-            adapter = {f"adapter/{name}": weights[name] for name in hub.ADAPTER_FILES if name in weights}
-            weights = hub.hub_files(os.path.join(self.args.output_dir, "merged"), subfolders=())
-            if layout == "both":
-                weights.update(adapter)
-        return {**weights, **card_files}
-
-    def _save_merged_policy(self, directory: str) -> None:
-        """The LoRA policy merged into its base weights, with the processor: a plain MusicGen checkpoint."""
-        policy = copy.deepcopy(self.accelerator.unwrap_model(self.model).policy).merge_and_unload()
-        policy.generation_config = self.trained_generation_config()
-        policy.save_pretrained(directory)
-        self.processing_class.save_pretrained(directory)
-
-    def _push_published_checkpoint(self, checkpoint_folder: str) -> None:
-        """Push a published checkpoint's policy (as ``push_lora`` says for LoRA, else full weights), card and samples
-        to the repo root, blocking and safetensors-only: ``Trainer``'s version uploads ``training_args.bin``, and its
-        ``hub_strategy="checkpoint"`` upload of the whole folder would push optimizer, scheduler and RNG pickles,
-        which stay local here."""
-        if not self.is_world_process_zero() or self.args.hub_strategy == "end":
-            return
-        self.callback_handler.on_push_begin(self.args, self.state, self.control)
-        layout = self.hub_layout()
-        if layout in ("merged", "both"):
-            self._save_merged_policy(os.path.join(self.args.output_dir, "merged"))  # the weights as of this step
-        hub.upload_files(
-            self.hub_model_id, self._hub_files(layout, checkpoint_folder),
-            f"Training in progress, step {self.state.global_step}", token=self.args.hub_token,
-            revision=self.args.hub_revision,
-        )
