@@ -12,7 +12,9 @@ Configurations (all with the default separate value network unless named otherwi
   lora_lora_value  LoRA, and the separate value trunk trained through LoRA too (lora_value_trunk)
   lora_shared      LoRA with the value head on the policy's trunk (share_value_backbone)
   qlora            LoRA on a 4-bit (NF4) decoder; the value trunk is a LoRA'd 4-bit copy
-Ratios: lora / full (goal <= 0.6), qlora / lora (goal <= 0.5), lora_lora_value / full, lora_shared / lora. Then
+  lora_rloo        LoRA with the value-free RLOO baseline (2 clips per prompt): no value network at all
+Ratios: lora / full (goal <= 0.6), qlora / lora (goal <= 0.5), lora_lora_value / full, lora_shared / lora,
+lora_rloo / lora (goal <= 0.5). Then
 the lora configuration under torchrun on 1 and on 2 processes (CPU: `ACCELERATE_USE_CPU=true torchrun`; GPU: one
 GPU per process), as seconds per episode.
 
@@ -43,6 +45,7 @@ CONFIGURATIONS = {
     "lora_lora_value": dict(peft=True, bits=None, share_value_backbone=False, lora_value_trunk=True),
     "lora_shared": dict(peft=True, bits=None, share_value_backbone=True),
     "qlora": dict(peft=True, bits=4, share_value_backbone=False),
+    "lora_rloo": dict(peft=True, bits=None, share_value_backbone=False, baseline="rloo"),
 }
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
 
@@ -163,6 +166,8 @@ def worker(settings: dict) -> dict:
         guidance_scale=settings["guidance_scale"],
         share_value_backbone=configuration["share_value_backbone"],
         lora_value_trunk=configuration.get("lora_value_trunk"),
+        baseline=configuration.get("baseline", "value"),
+        num_generations=2 if configuration.get("baseline", "value") != "value" else 1,
         gradient_checkpointing=settings["checkpointing"],
         bf16=settings["bf16"],
         use_cpu=not cuda,
@@ -303,12 +308,13 @@ def main():
         "lora_lora_value / full": ratio("lora_lora_value", "full"),
         "qlora / lora": ratio("qlora", "lora"),
         "lora_shared / lora": ratio("lora_shared", "lora"),
+        "lora_rloo / lora": ratio("lora_rloo", "lora"),
     }
     if processes:
         ratios["seconds per episode, 2 / 1 processes"] = (
             processes[2]["seconds_per_episode"] / processes[1]["seconds_per_episode"]
         )
-    goals = {"lora / full": 0.6, "qlora / lora": 0.5}
+    goals = {"lora / full": 0.6, "qlora / lora": 0.5, "lora_rloo / lora": 0.5}
     print(
         f"\nmusicgen-small sizes / {args.depth_divisor} in depth, batch {args.batch_size}, "
         f"{args.response_length} steps, device {'cpu' if cpu else torch.cuda.get_device_name()}"

@@ -236,6 +236,7 @@ def generate_rollout(
     sampling: SamplingConfig | None = None,
     max_prompt_length: int | None = None,
     backend: str = DEFAULT_ROLLOUT_BACKEND,
+    num_generations: int = 1,
 ) -> MusicRollout:
     """Sample music for ``prompts`` and record everything RL needs.
 
@@ -251,6 +252,8 @@ def generate_rollout(
             :class:`musicrl_trl.sampler.StaticCacheSampler` (static KV cache, eagerly or through ``torch.compile``),
             which draws from the same distribution in a fraction of the time (with other random numbers: one seed
             gives other codes than ``generate``).
+        num_generations: clips per prompt (G). The rollout holds B = len(prompts) x G clips, each prompt's G clips
+            consecutive; the static backends encode each prompt's text once for its G clips.
     """
     if backend not in ROLLOUT_BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(map(repr, ROLLOUT_BACKENDS))}, got {backend!r}.")
@@ -260,12 +263,19 @@ def generate_rollout(
     audio_channels = musicgen.decoder.config.audio_channels
     pad_token_id = musicgen.generation_config.pad_token_id
     num_steps = resolve_num_steps(musicgen, num_steps, duration_s)
+    if not isinstance(num_generations, int) or num_generations < 1:
+        raise ValueError(f"num_generations must be an integer >= 1, got {num_generations!r}.")
     prompt_ids, prompt_mask = tokenize_prompts(processor, prompts, musicgen.device, max_prompt_length)
-    batch = prompt_ids.shape[0]
     if backend != "generate":
         return _static_cache_rollout(
-            musicgen, prompts, prompt_ids, prompt_mask, num_steps, sampling, compiled=backend == "compiled"
+            musicgen, prompts, prompt_ids, prompt_mask, num_steps, sampling, compiled=backend == "compiled",
+            num_generations=num_generations,
         )
+    if num_generations > 1:  # generate encodes every row's prompt itself
+        prompts = [prompt for prompt in prompts for _ in range(num_generations)]
+        prompt_ids = prompt_ids.repeat_interleave(num_generations, dim=0)
+        prompt_mask = prompt_mask.repeat_interleave(num_generations, dim=0)
+    batch = prompt_ids.shape[0]
 
     stash = _StashDecoderLogits()
     recorder = _RecordSampledCodes(stash, sampling)
@@ -321,12 +331,18 @@ def generate_rollout(
 
 
 def _static_cache_rollout(
-    musicgen, prompts, prompt_ids, prompt_mask, num_steps: int, sampling: SamplingConfig, compiled: bool
+    musicgen, prompts, prompt_ids, prompt_mask, num_steps: int, sampling: SamplingConfig, compiled: bool,
+    num_generations: int = 1,
 ) -> MusicRollout:
     audio_channels = musicgen.decoder.config.audio_channels
     sampled = static_cache_sampler(musicgen, compiled=compiled).sample(
-        prompt_ids, prompt_mask, num_steps, sampling.guidance_scale, sampling.temperature, sampling.top_k
+        prompt_ids, prompt_mask, num_steps, sampling.guidance_scale, sampling.temperature, sampling.top_k,
+        num_generations=num_generations,
     )
+    if num_generations > 1:  # the teacher-forced passes of training read one row per clip
+        prompts = [prompt for prompt in prompts for _ in range(num_generations)]
+        prompt_ids = prompt_ids.repeat_interleave(num_generations, dim=0)
+        prompt_mask = prompt_mask.repeat_interleave(num_generations, dim=0)
     logprobs = codebooks.steps_to_codes(sampled.step_logprobs, audio_channels)
     codes = codebooks.grid_to_codes(sampled.grid, audio_channels)
     return MusicRollout(

@@ -277,11 +277,17 @@ class StaticCacheSampler:
             target.copy_(source)
         return self._cross
 
-    def _encoder_states(self, prompt_ids, prompt_mask, guided: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """Encoder states [R, L, H] and mask [R, L] exactly as ``generate`` and ``forward`` prepare them."""
+    def _encoder_states(
+        self, prompt_ids, prompt_mask, guided: bool, num_generations: int = 1
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Encoder states [R, L, H] and mask [R, L] exactly as ``generate`` and ``forward`` prepare them; each prompt
+        is encoded once and its states repeated for its ``num_generations`` rows."""
         musicgen = self.musicgen
         states = musicgen.text_encoder(input_ids=prompt_ids, attention_mask=prompt_mask).last_hidden_state
         mask = prompt_mask
+        if num_generations > 1:
+            states = states.repeat_interleave(num_generations, dim=0)
+            mask = mask.repeat_interleave(num_generations, dim=0)
         if guided:  # generate's null condition (MusicgenForConditionalGeneration._prepare_text_encoder_kwargs...)
             states = torch.cat([states, torch.zeros_like(states)])
             mask = torch.cat([mask, torch.zeros_like(mask)])
@@ -318,9 +324,11 @@ class StaticCacheSampler:
         guidance_scale: float = 1.0,
         temperature: float = 1.0,
         top_k: int = 0,
+        num_generations: int = 1,
     ) -> SampledGrid:
-        """Sample ``num_steps`` decoder steps for prompts [B, L]: the grid and each step's log-probs and entropies
-        under the sampling distribution (guidance, then temperature, then top-k)."""
+        """Sample ``num_steps`` decoder steps for prompts [P, L], ``num_generations`` rows per prompt (B = P x
+        num_generations, each prompt's rows consecutive, its text encoded once): the grid and each step's log-probs
+        and entropies under the sampling distribution (guidance, then temperature, then top-k)."""
         musicgen = self.musicgen
         num_codebooks = musicgen.decoder.num_codebooks
         audio_channels = musicgen.decoder.config.audio_channels
@@ -329,13 +337,13 @@ class StaticCacheSampler:
         if start_token_id is None:
             start_token_id = pad_token_id
         guided = guidance_scale is not None and guidance_scale > 1
-        batch, device = prompt_ids.shape[0], prompt_ids.device
+        batch, device = prompt_ids.shape[0] * num_generations, prompt_ids.device
         dtype = musicgen.decoder.lm_heads[0].weight.dtype
         if not dtype.is_floating_point:  # quantized weights keep a packed dtype; take the compute dtype
             dtype = next(p.dtype for p in musicgen.decoder.parameters() if p.is_floating_point())
 
         with EvalMode(musicgen):
-            states, mask = self._encoder_states(prompt_ids, prompt_mask, guided)
+            states, mask = self._encoder_states(prompt_ids, prompt_mask, guided, num_generations)
             cross_keys, cross_values, cross_mask = self._cross_cache(states, mask)
             buffers = self._buffers_for(batch, 2 * batch if guided else batch, num_steps, dtype, device)
             if self.compiled and device.type == "cuda":

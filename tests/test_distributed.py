@@ -33,6 +33,11 @@ def launch_two_ranks(tmp_path):
         tmp_path / "example",
         "--report_to",
         "none",
+        # The example job trains with a value-free baseline: each rank samples 2 prompts x 2 clips per update.
+        "--baseline",
+        "rloo",
+        "--num_generations",
+        "2",
     ]
     command = [
         sys.executable,
@@ -88,6 +93,8 @@ def test_trainer_and_example_on_two_cpu_processes(tmp_path):
     assert saved_weights(run_dir / "trainer") == ["adapter_model.safetensors", "merged/model.safetensors"]
     # The demo's prompt list repeats its 8 prompts, so ranks may draw equal texts from different rows.
     check_ranks(records(run_dir, "example"), updates=2, distinct_prompts=False)
+    for rank in records(run_dir, "example"):  # whole groups per rank: 2 prompts, each sampled twice on that rank
+        assert [len(prompts) for prompts in rank["prompts"]] == [2, 2]
     assert saved_weights(run_dir / "example") == ["model.safetensors"]  # saved once, by rank 0
     assert result.stdout.count("mean reward, last") == 1  # the summary is printed by the main process only
 

@@ -148,3 +148,20 @@ def test_the_card_counts_updates_and_rollouts_in_singular_and_plural(policy_card
     (line,) = [line for line in policy_card(3).splitlines() if line.startswith("- Steps:")]
     assert line.startswith("- Steps: 3 updates (6 rollouts of ")
     assert "1 updates" not in policy_card(1)
+
+
+@pytest.mark.parametrize(
+    ("config", "baseline_words", "kl_words"),
+    [
+        ({}, "a learned value network", "coefficient 0.05,"),
+        ({"baseline": "rloo", "num_generations": 2}, "the other clip of the same prompt (RLOO; no value network)",
+         "coefficient 0.05,"),
+        ({"baseline": "group_mean", "num_generations": 2, "scale_group_rewards": True, "kl_target": 20.0},
+         "divided by their standard deviation (GRPO", "a KL budget of 20 nats per clip"),
+    ],
+)
+def test_the_card_names_the_baseline_and_the_kl_target(policy_card, config, baseline_words, kl_words):
+    card = policy_card(2, **config)
+    (baseline,) = [line for line in card.splitlines() if line.startswith("- Baseline:")]
+    (kl,) = [line for line in card.splitlines() if line.startswith("- KL regularisation:")]
+    assert baseline_words in baseline and kl_words in kl

@@ -10,7 +10,7 @@ import warnings
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["plot_results", "plot_training_runs", "results_markdown", "write_results"]
+__all__ = ["plot_results", "plot_training_runs", "results_markdown", "run_label", "write_results"]
 
 
 def results_markdown(results: dict[str, Any]) -> str:
@@ -186,6 +186,29 @@ def _load_log_history(run: str) -> list[dict[str, Any]]:
     )
 
 
+def run_label(run: str) -> str:
+    """A run's name for legends and tables: its folder, with the baseline and the KL budget or coefficient it trained
+    with when its ``run_config.json`` (written by ``examples/ppo_musicrl.py``) says, e.g. ``"rl-r (rloo x4, KL
+    target 10)"``."""
+    folder = run if os.path.isdir(run) else os.path.dirname(os.path.abspath(run))
+    name = os.path.basename(os.path.normpath(folder))
+    try:
+        with open(os.path.join(folder, "run_config.json")) as f:
+            training = json.load(f)["training"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return name
+    baseline = training.get("baseline", "value")
+    if baseline != "value":
+        baseline = f"{baseline} x{training.get('num_generations')}"
+    if training.get("kl_target") is not None:
+        kl = f"KL target {training['kl_target']:g}"
+    elif training.get("kl_coef") is not None:
+        kl = f"kl_coef {training['kl_coef']:g}"
+    else:
+        kl = None
+    return f"{name} ({', '.join(part for part in (baseline, kl) if part)})"
+
+
 def plot_training_runs(
     runs: Sequence[str],
     output_path: str,
@@ -203,7 +226,7 @@ def plot_training_runs(
     if not runs:
         raise ValueError("give at least one run directory.")
     histories = [_load_log_history(run) for run in runs]
-    labels = list(labels) if labels else [os.path.basename(os.path.normpath(run)) for run in runs]
+    labels = list(labels) if labels else [run_label(run) for run in runs]
     if len(labels) != len(runs):
         raise ValueError(f"{len(labels)} labels for {len(runs)} runs.")
     if reward_keys is None:

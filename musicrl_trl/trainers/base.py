@@ -23,13 +23,17 @@ import contextlib
 import copy
 import dataclasses
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn
 from transformers import Trainer, TrainerState
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 
+from ..rollout import unwrap_musicgen
+
 __all__ = [
+    "AdapterDisabledView",
     "OnlineMusicTrainer",
     "OnlineTrainerState",
     "masked_mean",
@@ -60,10 +64,11 @@ def zero_dropout(model: nn.Module) -> None:
 
 @dataclasses.dataclass
 class OnlineTrainerState(TrainerState):
-    """``TrainerState`` with the number of rollouts sampled so far (``episode``), as TRL's on-policy trainers kept it;
-    ``trainer_state.json`` files of earlier runs load unchanged."""
+    """``TrainerState`` with the number of rollouts sampled so far (``episode``), as TRL's on-policy trainers kept it,
+    and the KL coefficient in force; ``trainer_state.json`` files of earlier runs load unchanged."""
 
     episode: int = 0
+    kl_coef: float | None = None  # the KL coefficient in force (it moves with MusicPPOConfig.kl_target)
 
 
 # ------------------------------------------------------------------------------------------------ masked statistics
@@ -95,6 +100,24 @@ def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = T
     mean, var = masked_mean(values, mask), masked_var(values, mask)
     whitened = (values - mean) * torch.rsqrt(var + 1e-8)
     return whitened if shift_mean else whitened + mean
+
+
+class AdapterDisabledView(nn.Module):
+    """A LoRA policy seen as its anchor: every forward runs inside ``null_ref_context`` (adapter disabled, or the
+    reference adapter active), so that code written for two models (``evaluation.drift.kl_per_clip``) takes it as the
+    second one without a copy."""
+
+    def __init__(self, policy: nn.Module, null_ref_context: Callable[[], contextlib.AbstractContextManager]):
+        super().__init__()
+        self.module = policy
+        self._null_ref_context = null_ref_context
+
+    def get_base_model(self) -> nn.Module:
+        return unwrap_musicgen(self.module)
+
+    def forward(self, *args, **kwargs):
+        with self._null_ref_context():
+            return self.module(*args, **kwargs)
 
 
 # ------------------------------------------------------------------------------------------------ the trainer base

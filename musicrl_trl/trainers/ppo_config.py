@@ -142,6 +142,26 @@ class MusicPPOConfig(TrainingArguments):
     `local_rollout_forward_batch_size`, `num_sample_generations`, `dataset_num_proc`) are accepted only at their
     defaults: the trainer does not use them, and a changed value is an error that says what to use instead.
 
+    Parameters that control the baseline and the KL budget:
+        baseline (`"value"`, `"rloo"` or `"group_mean"`, defaults to `"value"`): what each clip's reward is compared
+            with. `"value"`: a learned value network V(s_t) (MusicRL; GAE with `gamma`, `lam`). `"rloo"`: the mean
+            reward of the other clips of the same prompt (Ahmadian et al. 2024), `"group_mean"`: the mean of all of
+            them, divided by their std with `scale_group_rewards` (GRPO, Shao et al. 2024). The value-free baselines
+            need `num_generations >= 2`, build, save and push no value network (less memory, nothing to tune), and
+            ignore `vf_coef`, `cliprange_value`, `share_value_backbone` and `lora_value_trunk`. With
+            `kl_penalty="reward"` the baseline compares whole shaped returns (score - kl_coef * KL of the clip).
+        num_generations (`int`, defaults to `1`): clips per prompt and update, sampled together (each prompt's text
+            is encoded once); `local_batch_size` must be a multiple of it, and each process keeps its groups whole.
+        scale_group_rewards (`bool`, defaults to `False`): see `baseline`.
+        kl_target (`float`, *optional*): a KL budget in nats per clip. After every update `kl_coef` (its starting
+            value) is multiplied by `1 + clip(KL / kl_target - 1, -0.2, 0.2) * batch_size / kl_horizon`, the
+            proportional controller of Ziegler et al. (2019), chosen over a dual update for its bounded steps: the
+            KL answers a change of coefficient only after a few updates, and bounded multiplicative steps keep the
+            loop from oscillating. The coefficient is logged as `objective/kl_coef` and saved with checkpoints.
+        kl_horizon (`int`, *optional*): the controller's horizon in rollouts; default `batch_size` (at most 20 %
+            change per update: on the tiny model at lr 1e-2 a horizon of 4 batches had not reached a 10-nat target
+            after 60 updates, one batch held it within 10 %; see benchmarks/RESULTS.md).
+
     Parameters that control the optimisation:
         max_grad_norm (`float`, defaults to `1.0`): the gradient norm is clipped to this before every optimizer
             step (`None` or 0: not clipped) and logged as `grad_norm` (TRL's PPOTrainer never clipped). A step whose
@@ -199,6 +219,7 @@ class MusicPPOConfig(TrainingArguments):
     `policy/approxkl_avg`, `policy/clipfrac_avg`, `policy/first_ratio_max_error` (on-policy check, ~0),
     `loss/policy_avg`, `loss/kl_avg` (the KL loss term, mean per step), `loss/value_avg`, `val/ratio`, `lr`,
     `grad_norm` (before clipping, mean over the update's optimizer steps), `objective/skipped_steps`,
+    `objective/kl_coef` (the coefficient of the update; it moves with `kl_target`),
     and `timing/rollout_s`, `timing/rewards_s`, `timing/update_s` (seconds per phase of the update).
     """
 
@@ -252,8 +273,10 @@ class MusicPPOConfig(TrainingArguments):
             "wrapper module) only costs time."
         },
     )
-    gradient_checkpointing: bool = field(
-        default=False, metadata={"help": "Recompute activations in the backward pass to save memory."}
+    # None, not False: transformers 5.25 warns that `gradient_checkpointing` is deprecated whenever it is not None
+    # (it became an alias of `activation_checkpointing`); None resolves to False without the warning.
+    gradient_checkpointing: bool | None = field(
+        default=None, metadata={"help": "Recompute activations in the backward pass to save memory."}
     )
     logging_steps: float = field(
         default=1,
@@ -342,6 +365,37 @@ class MusicPPOConfig(TrainingArguments):
 
     # Loss
     whiten_advantages: bool = field(default=True, metadata={"help": "Normalise advantages over the batch."})
+    baseline: Literal["value", "rloo", "group_mean"] = field(
+        default="value",
+        metadata={
+            "help": "What the reward is compared with: 'value' = a learned value network (MusicRL); 'rloo' = the mean "
+            "of the other clips of the same prompt (needs num_generations >= 2); 'group_mean' = the mean of all "
+            "clips of the prompt (GRPO; with scale_group_rewards also divided by their std). The value-free "
+            "baselines build no value network."
+        },
+    )
+    num_generations: int = field(
+        default=1,
+        metadata={"help": "Clips sampled per prompt in each update (a group); rloo and group_mean compare within it."},
+    )
+    scale_group_rewards: bool = field(
+        default=False,
+        metadata={"help": "With baseline='group_mean', divide each group's advantages by its reward std (GRPO)."},
+    )
+    kl_target: float | None = field(
+        default=None,
+        metadata={
+            "help": "Hold the exact KL to the anchor near this many nats per clip by adapting kl_coef (its starting "
+            "value) after every update, with Ziegler et al.'s proportional controller; None keeps kl_coef fixed."
+        },
+    )
+    kl_horizon: int | None = field(
+        default=None,
+        metadata={
+            "help": "Rollouts over which the KL controller moves kl_coef by at most 20 %% (Ziegler et al.'s horizon); "
+            "default batch_size, i.e. at most 20 %% per update."
+        },
+    )
 
     # Models
     share_value_backbone: bool = field(
@@ -433,6 +487,23 @@ class MusicPPOConfig(TrainingArguments):
                 f"audio_duration_s={self.audio_duration_s} and response_length={self.response_length} both set the "
                 "rollout length: give one of them."
             )
+        if self.baseline not in ("value", "rloo", "group_mean"):
+            raise ValueError(f"baseline must be 'value', 'rloo' or 'group_mean', got {self.baseline!r}.")
+        if not isinstance(self.num_generations, int) or self.num_generations < 1:
+            raise ValueError(f"num_generations must be an integer >= 1, got {self.num_generations!r}.")
+        if self.baseline != "value" and self.num_generations < 2:
+            raise ValueError(
+                f"baseline={self.baseline!r} compares the clips of one prompt with each other: set num_generations to "
+                "2 or more (e.g. 4), or use baseline='value'."
+            )
+        if self.scale_group_rewards and self.baseline != "group_mean":
+            raise ValueError("scale_group_rewards applies to baseline='group_mean' only.")
+        if self.kl_target is not None and not self.kl_target > 0:
+            raise ValueError(f"kl_target must be > 0 nats per clip (or None), got {self.kl_target}.")
+        if self.kl_target is not None and self.kl_coef <= 0:
+            raise ValueError("kl_target adapts kl_coef multiplicatively from its starting value: set kl_coef > 0.")
+        if self.kl_horizon is not None and self.kl_horizon < 1:
+            raise ValueError(f"kl_horizon must be >= 1 rollout, got {self.kl_horizon}.")
         if self.max_grad_norm is not None and (self.max_grad_norm < 0 or self.max_grad_norm != self.max_grad_norm):
             raise ValueError(f"max_grad_norm must be >= 0 (0 or None: no clipping), got {self.max_grad_norm}.")
         if self.rollout_backend not in ("generate", "static", "compiled"):
@@ -447,6 +518,19 @@ class MusicPPOConfig(TrainingArguments):
             raise ValueError(f"top_k must be >= 0 (0 keeps the whole codebook), got {self.top_k}.")
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}.")
+        # Out-of-range sizes used to fail deep in the batch arithmetic (ZeroDivisionError) or, for a negative
+        # total_episodes, to run no update and save the untouched model as if it had trained.
+        if self.total_episodes is not None and self.total_episodes < 1:
+            raise ValueError(f"total_episodes must be >= 1 rollout (or unset: one epoch), got {self.total_episodes}.")
+        if self.per_device_train_batch_size < 1:
+            raise ValueError(
+                f"per_device_train_batch_size={self.per_device_train_batch_size}: it must be an integer >= 1 "
+                "(rollouts per device per micro-batch)."
+            )
+        if not self.learning_rate > 0 or self.learning_rate == float("inf"):
+            raise ValueError(f"learning_rate must be a finite number > 0 (e.g. 1e-5), got {self.learning_rate}.")
+        if self.response_length < 1:
+            raise ValueError(f"response_length must be >= 1 decoder step, got {self.response_length}.")
         if not 0 <= self.gamma <= 1 or not 0 <= self.lam <= 1:
             raise ValueError(f"gamma and lam must lie in [0, 1], got gamma={self.gamma}, lam={self.lam}.")
         if self.reward_weights is not None and any(w != w for w in self.reward_weights):

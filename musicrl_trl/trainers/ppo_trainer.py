@@ -69,7 +69,8 @@ from ..rollout import (
     sampling_log_dist,
     unwrap_musicgen,
 )
-from .base import OnlineMusicTrainer, OnlineTrainerState, masked_whiten, zero_dropout
+from .advantages import gae, group_advantages
+from .base import AdapterDisabledView, OnlineMusicTrainer, OnlineTrainerState, masked_whiten, zero_dropout
 from .checkpointing import CrashSafeCheckpointsMixin
 from .ppo_config import MusicPPOConfig
 from .ppo_loss import PPOLossConfig, PPOMicroBatch, ppo_loss
@@ -97,24 +98,6 @@ class MusicProgressCallback(ProgressCallback):
             self.training_bar.set_postfix(
                 reward=f"{logs['objective/scores']:.4g}", kl=f"{logs['objective/kl']:.3g}", refresh=False
             )
-
-
-class AdapterDisabledView(nn.Module):
-    """A LoRA policy seen as its anchor: every forward runs inside ``null_ref_context`` (adapter disabled, or the
-    reference adapter active), so that code written for two models (``evaluation.drift.kl_per_clip``) takes it as the
-    second one without a copy."""
-
-    def __init__(self, policy: nn.Module, null_ref_context: Callable):
-        super().__init__()
-        self.module = policy
-        self._null_ref_context = null_ref_context
-
-    def get_base_model(self) -> nn.Module:
-        return unwrap_musicgen(self.module)
-
-    def forward(self, *args, **kwargs):
-        with self._null_ref_context():
-            return self.module(*args, **kwargs)
 
 
 @dataclasses.dataclass
@@ -158,7 +141,6 @@ class MusicPPOTrainer(PolicyPublishingMixin, CrashSafeCheckpointsMixin, OnlineMu
     """
 
     _tag_names = ["trl", "ppo", "musicrl", "musicgen", "text-to-audio"]
-    checkpoint_extra_files = (VALUE_WEIGHTS_NAME,)  # what _resume needs besides Trainer's files
     _name = "MusicPPO"
     _paper = {
         "title": "MusicRL: Aligning Music Generation to Human Preferences",
@@ -217,7 +199,15 @@ class MusicPPOTrainer(PolicyPublishingMixin, CrashSafeCheckpointsMixin, OnlineMu
         if not args.train_text_encoder:
             model.text_encoder.requires_grad_(False)
         model.audio_encoder.requires_grad_(False)  # the codec decodes sampled codes; it is never differentiated
-        if value_model is None:
+        if args.baseline != "value":
+            if value_model is not None:
+                raise ValueError(
+                    f"baseline={args.baseline!r} uses no value network, but a value_model was given: drop it, or use "
+                    "baseline='value'."
+                )
+            if args.vf_coef != MusicPPOConfig.vf_coef:
+                logger.warning(f"baseline={args.baseline!r} has no value network: vf_coef={args.vf_coef} is ignored.")
+        elif value_model is None:
             # Seeded, so that a run (and its resumption) does not depend on what consumed the global RNG before.
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(args.seed)
@@ -248,7 +238,16 @@ class MusicPPOTrainer(PolicyPublishingMixin, CrashSafeCheckpointsMixin, OnlineMu
         )
         reward_modules = RewardModules([r for r in self.reward_funcs if isinstance(r, nn.Module)])
         self.setup_online_training(policy, ref_model, reward_modules)
+        if args.local_batch_size % args.num_generations:
+            raise ValueError(
+                f"each process samples {args.local_batch_size} rollouts per update (per_device_train_batch_size x "
+                f"gradient_accumulation_steps x num_mini_batches), not a multiple of num_generations="
+                f"{args.num_generations}: every prompt's clips must stay together on one process."
+            )
         self.value_model = value_model
+        # What a resume needs besides Trainer's files.
+        self.checkpoint_extra_files = (VALUE_WEIGHTS_NAME,) if value_model is not None else ()
+        self.kl_coef = args.kl_coef  # adapted after every update with kl_target; saved in the trainer state
         if not args.disable_tqdm:
             self.remove_callback(ProgressCallback)
             self.add_callback(MusicProgressCallback)
@@ -302,7 +301,7 @@ class MusicPPOTrainer(PolicyPublishingMixin, CrashSafeCheckpointsMixin, OnlineMu
         wrapper = self.accelerator.unwrap_model(self.model)
         unwrap_musicgen(wrapper.policy).gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         wrapper.is_gradient_checkpointing = True
-        if wrapper.value_model.backbone is not None:
+        if wrapper.value_model is not None and wrapper.value_model.backbone is not None:
             unwrap_musicgen(wrapper.value_model.backbone).gradient_checkpointing_enable(
                 gradient_checkpointing_kwargs=kwargs
             )
@@ -338,13 +337,15 @@ class MusicPPOTrainer(PolicyPublishingMixin, CrashSafeCheckpointsMixin, OnlineMu
 
     # ------------------------------------------------------------------ pieces of one update
     def _prompt_batch(self, update: int) -> list[str]:
-        """Prompts of update ``update`` (0-based) on this process: a fixed, seeded order over the dataset, so that
-        resuming at step n continues with exactly the prompts the interrupted run would have used."""
+        """The distinct prompts of update ``update`` (0-based) on this process, ``local_batch_size /
+        num_generations`` of them (each is sampled ``num_generations`` times): a fixed, seeded order over the
+        dataset, so that resuming at step n continues with exactly the prompts the interrupted run would have used."""
         args, size = self.args, self.train_dataset_len
-        start = update * args.batch_size + self.accelerator.process_index * args.local_batch_size
+        per_process = args.local_batch_size // args.num_generations
+        start = (update * args.world_size + self.accelerator.process_index) * per_process
         orders = {}  # one permutation per epoch the batch touches (at most a few), not one per prompt
         indices = []
-        for position in range(start, start + args.local_batch_size):
+        for position in range(start, start + per_process):
             epoch, offset = divmod(position, size)
             if epoch not in orders:
                 orders[epoch] = torch.randperm(size, generator=torch.Generator().manual_seed(args.seed + epoch))
@@ -428,34 +429,29 @@ class MusicPPOTrainer(PolicyPublishingMixin, CrashSafeCheckpointsMixin, OnlineMu
                 output = decoder_logits(self.ref_model, rollout.prompt_ids, rollout.prompt_mask, rollout.grid, guided)
         return sampling_log_dist(output, self.kl_sampling, self.audio_channels)  # before any top-k cut; float32
 
-    @staticmethod
-    def _advantages(rewards, values, gamma: float, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """GAE over decoder steps [B, A]; gamma = lam = 1 gives Monte-Carlo returns minus the baseline."""
-        last_gae, advantages_reversed = 0.0, []
-        steps = rewards.shape[1]
-        for t in reversed(range(steps)):
-            next_values = values[:, t + 1] if t < steps - 1 else 0.0
-            delta = rewards[:, t] + gamma * next_values - values[:, t]
-            last_gae = delta + gamma * lam * last_gae
-            advantages_reversed.append(last_gae)
-        advantages = torch.stack(advantages_reversed[::-1], dim=1)
-        return advantages, advantages + values
-
     def _advantages_and_returns(
-        self, kl: torch.Tensor, scores: torch.Tensor, values: torch.Tensor, sample_mask: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Advantages and value targets [B, A] from the per-step KL, the scores [B] and the values [B, A].
+        self, kl: torch.Tensor, scores: torch.Tensor, values: torch.Tensor | None, sample_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Advantages and value targets [B, A] from the per-step KL, the scores [B] and the values [B, A] (None with
+        a value-free baseline, which has no targets; see :mod:`.advantages`).
 
         The score is the reward of the last step. With ``kl_penalty="reward"`` every step's reward also carries
         ``-kl_coef * KL_t`` (TRL's shaping); with ``"loss"`` the KL is a loss term instead and the value network
-        regresses the score-only return (MusicRL). Dropped samples (non-finite rewards) get advantage 0.
+        regresses the score-only return (MusicRL). A value-free baseline compares each clip's whole return with the
+        other clips of its prompt, one advantage for all its steps. Dropped samples (non-finite rewards) get 0.
         """
         args = self.args
         rewards = torch.zeros_like(kl)
         rewards[:, -1] += scores
         if args.kl_penalty == "reward":
-            rewards -= args.kl_coef * kl
-        advantages, returns = self._advantages(rewards, values, args.gamma, args.lam)
+            rewards -= self.kl_coef * kl
+        if args.baseline == "value":
+            advantages, returns = gae(rewards, values, args.gamma, args.lam)
+        else:
+            per_clip = group_advantages(
+                rewards.sum(1), sample_mask, args.num_generations, args.baseline, args.scale_group_rewards
+            )
+            advantages, returns = per_clip[:, None].expand_as(rewards).contiguous(), None
         step_mask = sample_mask[:, None].expand_as(advantages)
         if args.whiten_advantages and sample_mask.sum() > 1:
             advantages = masked_whiten(advantages, step_mask)
@@ -487,6 +483,15 @@ class MusicPPOTrainer(PolicyPublishingMixin, CrashSafeCheckpointsMixin, OnlineMu
         self.optimizer.step()
         self.optimizer.zero_grad()
         return grad_norm.detach().float()
+
+    def _adapted_kl_coef(self, kl: float) -> float:
+        """Ziegler et al. (2019)'s proportional controller: the coefficient after an update whose mean KL per clip
+        (over all processes, so the same on each) was ``kl``, moving towards ``kl_target`` by at most 20 % per
+        ``kl_horizon`` rollouts."""
+        args = self.args
+        horizon = args.kl_horizon or args.batch_size
+        error = min(max(kl / args.kl_target - 1.0, -0.2), 0.2)
+        return self.kl_coef * (1.0 + error * args.batch_size / horizon)
 
     def _steps_from_ratio(self, steps: float) -> int:
         """``steps`` updates, or a fraction of the run's updates when < 1 (rounded up, as transformers does)."""
@@ -533,7 +538,11 @@ class MusicPPOTrainer(PolicyPublishingMixin, CrashSafeCheckpointsMixin, OnlineMu
             self._anchor_and_advantages(batch)
             stats = self._ppo_update(batch, update)
             timing["update"] = time.perf_counter() - tic
-            pending_logs.append(self._update_metrics(batch, stats, timing, start_time))
+            metrics = self._update_metrics(batch, stats, timing, start_time)
+            pending_logs.append(metrics)
+            if args.kl_target is not None:
+                self.kl_coef = self._adapted_kl_coef(metrics["objective/kl"])
+            self.state.kl_coef = self.kl_coef  # saved with every checkpoint, restored on resume
             self.state.epoch = self.state.episode / self.train_dataset_len
             self.state.global_step += 1
 
@@ -569,6 +578,7 @@ class MusicPPOTrainer(PolicyPublishingMixin, CrashSafeCheckpointsMixin, OnlineMu
             rollout = generate_rollout(
                 unwrapped.policy, self.processing_class, prompts, num_steps=args.response_length,
                 sampling=self.sampling, max_prompt_length=args.max_prompt_length, backend=args.rollout_backend,
+                num_generations=args.num_generations,
             )
         timing = {"rollout": time.perf_counter() - tic}
         tic = time.perf_counter()
@@ -619,6 +629,7 @@ class MusicPPOTrainer(PolicyPublishingMixin, CrashSafeCheckpointsMixin, OnlineMu
         of ``gradient_accumulation_steps`` micro-batches; the statistics of every micro-batch (detached)."""
         args, accelerator, model = self.args, self.accelerator, self.model
         rollout, single_pass = batch.rollout, self._single_pass()
+        loss_config = dataclasses.replace(self.loss_config, kl_coef=self.kl_coef)  # the controller's, with kl_target
         stats = collections.defaultdict(list)
         for epoch in range(args.num_ppo_epochs):
             order = self._mini_batch_order(update, epoch).to(accelerator.device)
@@ -642,16 +653,17 @@ class MusicPPOTrainer(PolicyPublishingMixin, CrashSafeCheckpointsMixin, OnlineMu
                         if single_pass:  # mb is the whole local batch, in some order
                             self._set_advantages(
                                 batch, torch.empty_like(mb_kl).index_copy_(0, mb, mb_kl.detach()),
-                                torch.empty_like(vpred).index_copy_(0, mb, vpred.detach()),
+                                None if vpred is None else torch.empty_like(vpred).index_copy_(0, mb, vpred.detach()),
                             )
                         loss, mb_stats = ppo_loss(
                             PPOMicroBatch(
                                 logprobs=codebooks.codes_to_steps(mb_new_logprobs, self.audio_channels),
-                                old_logprobs=batch.old_logprobs[mb], advantages=batch.advantages[mb], values=vpred,
-                                old_values=batch.values[mb], returns=batch.returns[mb], kl=mb_kl,
-                                mask=batch.step_mask[mb],
+                                old_logprobs=batch.old_logprobs[mb], advantages=batch.advantages[mb], kl=mb_kl,
+                                mask=batch.step_mask[mb], values=vpred,
+                                old_values=None if vpred is None else batch.values[mb],
+                                returns=None if vpred is None else batch.returns[mb],
                             ),
-                            self.loss_config,
+                            loss_config,
                         )
                         accelerator.backward(loss / len(micro_batches))
                     for name, value in mb_stats.items():
@@ -680,7 +692,7 @@ class MusicPPOTrainer(PolicyPublishingMixin, CrashSafeCheckpointsMixin, OnlineMu
 
         kept = batch.sample_mask.float()
         mean_kl = (batch.kl.sum(1) * kept).sum() / kept.sum().clamp(min=1)
-        mean_non_score = -self.args.kl_coef * mean_kl  # in both KL forms
+        mean_non_score = -self.kl_coef * mean_kl  # in both KL forms
         mean_score = (batch.scores * kept).sum() / kept.sum().clamp(min=1)
         metrics = {
             "eps": int(self.state.episode / (time.time() - start_time)),
@@ -701,11 +713,13 @@ class MusicPPOTrainer(PolicyPublishingMixin, CrashSafeCheckpointsMixin, OnlineMu
             ).max().item(),
             "loss/policy_avg": mean_of(torch.stack(stats["pg_loss"])),
             "loss/kl_avg": mean_of(torch.stack(stats["kl_loss"])),
-            "loss/value_avg": mean_of(torch.stack(stats["vf_loss"])),
-            "val/clipfrac_avg": mean_of(torch.stack(stats["vf_clipfrac"])),
+            "objective/kl_coef": self.kl_coef,
             "val/ratio": mean_of(torch.stack(stats["ratio"])),
             "val/ratio_var": torch.stack(stats["ratio"]).var().item() if len(stats["ratio"]) > 1 else 0.0,
         }
+        if stats["vf_loss"]:  # a value network (baseline="value")
+            metrics["loss/value_avg"] = mean_of(torch.stack(stats["vf_loss"]))
+            metrics["val/clipfrac_avg"] = mean_of(torch.stack(stats["vf_clipfrac"]))
         if stats["grad_norm"]:
             metrics["grad_norm"] = torch.stack(stats["grad_norm"]).mean().item()
         for k, entropy in enumerate(batch.rollout.entropies.mean(0)):
@@ -850,9 +864,9 @@ class MusicPPOTrainer(PolicyPublishingMixin, CrashSafeCheckpointsMixin, OnlineMu
     def _save_checkpoint_extras(self, checkpoint_dir: str) -> None:
         # Called inside the staged checkpoint folder, before it is renamed to checkpoint-N (see checkpointing.py).
         if self.args.should_save:
-            # save_model de-duplicates tied tensors (T5's shared embeddings) that save_file refuses.
             value_model = self.accelerator.unwrap_model(self.model).value_model
-            save_value_model(value_model, os.path.join(checkpoint_dir, VALUE_WEIGHTS_NAME))
+            if value_model is not None:  # none with a value-free baseline
+                save_value_model(value_model, os.path.join(checkpoint_dir, VALUE_WEIGHTS_NAME))
             hub.copy_card_files(self.args.output_dir, checkpoint_dir)  # written by create_model_card above
 
     def _resume(self, checkpoint: str | bool) -> None:
@@ -876,7 +890,8 @@ class MusicPPOTrainer(PolicyPublishingMixin, CrashSafeCheckpointsMixin, OnlineMu
                     f"checkpoint {checkpoint} does not match the policy (missing {missing[:3]}, unexpected "
                     f"{unexpected[:3]}); resume with the model the run started from."
                 )
-        load_value_model(unwrapped.value_model, os.path.join(checkpoint, VALUE_WEIGHTS_NAME))
+        if unwrapped.value_model is not None:
+            load_value_model(unwrapped.value_model, os.path.join(checkpoint, VALUE_WEIGHTS_NAME))
         # Trainer._load_optimizer_and_scheduler needs Trainer state PPOTrainer never sets; the files are the same.
         # weights_only=True: tensors and plain containers only, no arbitrary pickles.
         optimizer_state = torch.load(os.path.join(checkpoint, "optimizer.pt"), map_location="cpu", weights_only=True)
@@ -887,3 +902,5 @@ class MusicPPOTrainer(PolicyPublishingMixin, CrashSafeCheckpointsMixin, OnlineMu
         self.state.global_step = saved.global_step
         self.state.episode = saved.global_step * self.args.batch_size
         self.state.log_history = saved.log_history
+        if saved.kl_coef is not None:  # the KL controller's coefficient (kl_target), where the run left it
+            self.kl_coef = self.state.kl_coef = saved.kl_coef

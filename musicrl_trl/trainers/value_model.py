@@ -133,13 +133,14 @@ def load_value_model(value_model: MusicValueModel, path: str) -> None:
 
 class MusicPolicyAndValue(nn.Module):
     """Policy and value model behind one ``forward``, so that a single ``accelerator.prepare`` (DDP, DeepSpeed)
-    wraps both and gradients synchronise. Takes the place of TRL's text-only ``PolicyAndValueWrapper``."""
+    wraps both and gradients synchronise. Takes the place of TRL's text-only ``PolicyAndValueWrapper``. With a
+    value-free baseline (``value_model=None``) the forward returns no values."""
 
-    def __init__(self, policy: nn.Module, value_model: MusicValueModel):
+    def __init__(self, policy: nn.Module, value_model: MusicValueModel | None):
         super().__init__()
         self.policy = policy
         self.value_model = value_model
-        self.is_gradient_checkpointing = getattr(policy, "is_gradient_checkpointing", False)
+        self.is_gradient_checkpointing = getattr(policy, "is_activation_checkpointing", False)
 
     def gradient_checkpointing_enable(self, **kwargs):
         self.policy.gradient_checkpointing_enable(**kwargs)
@@ -150,6 +151,8 @@ class MusicPolicyAndValue(nn.Module):
         self.is_gradient_checkpointing = False
 
     def forward(self, prompt_ids, prompt_mask, grid, guided: bool):
+        if self.value_model is None:
+            return decoder_logits(self.policy, prompt_ids, prompt_mask, grid, guided=guided), None
         shared = self.value_model.shares_policy_backbone
         output = decoder_logits(self.policy, prompt_ids, prompt_mask, grid, guided=guided, output_hidden_states=shared)
         values = self.value_model(prompt_ids, prompt_mask, grid, policy_hidden_states=output.hidden_states)
