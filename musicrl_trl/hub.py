@@ -51,6 +51,7 @@ __all__ = [
     "hub_files",
     "ingredient_licenses",
     "model_source",
+    "render_dpo_card",
     "render_policy_card",
     "render_reward_card",
     "resolve_license",
@@ -543,8 +544,11 @@ POLICY_HYPERPARAMETERS = (
     "top_k",
     "guidance_scale",
     "kl_coef",
+    "kl_target",
     "kl_estimator",
     "kl_penalty",
+    "baseline",
+    "num_generations",
     "gamma",
     "lam",
     "cliprange",
@@ -640,6 +644,11 @@ def render_policy_card(
         "kl_coef": _format(float(args.kl_coef)),
         "kl_estimator": args.kl_estimator,
         "kl_penalty": args.kl_penalty,
+        "kl_target": None if args.kl_target is None else _format(float(args.kl_target)),
+        "final_kl_coef": _format(float(trainer.kl_coef)),
+        "baseline": args.baseline,
+        "num_generations": args.num_generations,
+        "scale_group_rewards": args.scale_group_rewards,
         "steps": trainer.state.global_step,
         "episodes": trainer.state.global_step * args.batch_size,
         "clip_seconds": _clip_seconds(trainer),
@@ -737,6 +746,100 @@ def render_reward_card(
         "trl_citation": TRL_CITATION,
     }
     return _template("reward_card.md.jinja").render(**context)
+
+
+DPO_HYPERPARAMETERS = (
+    "learning_rate",
+    "lr_scheduler_type",
+    "num_train_epochs",
+    "max_steps",
+    "per_device_train_batch_size",
+    "gradient_accumulation_steps",
+    "beta",
+    "loss_type",
+    "label_smoothing",
+    "precompute_ref_log_probs",
+    "guidance_scale",
+    "temperature",
+    "top_k",
+    "max_completion_length",
+    "train_text_encoder",
+    "bf16",
+    "seed",
+)
+
+
+def render_dpo_card(
+    trainer: Any,
+    layout: str,
+    license: LicenseResolution,
+    repo_id: str | None,
+    output_dir: str,
+    dataset_name: str | None = None,
+    tags: Iterable[str] = (),
+) -> str:
+    """The card of a policy trained by :class:`~musicrl_trl.MusicDPOTrainer` (``hub_cards/dpo_card.md.jinja``):
+    the loss and beta, the reference, the preference data (pairs, ties skipped), the last logged preference metrics,
+    licence and use. ``layout`` as in :func:`render_policy_card`."""
+    args = trainer.args
+    base_model = trainer.hub_base_model
+    config = args.to_dict()  # TrainingArguments.to_dict masks every *_token field
+    hyperparameters = {key: _format(config[key]) for key in DPO_HYPERPARAMETERS if key in config}
+    train_logs = [entry for entry in trainer.state.log_history if "rewards/accuracies" in entry]
+    last = train_logs[-1] if train_logs else {}
+    lora = None
+    if trainer.is_peft_model:
+        policy = trainer.accelerator.unwrap_model(trainer.model)
+        peft_config = policy.peft_config[policy.active_adapter]
+        lora = {"r": peft_config.r, "alpha": peft_config.lora_alpha,
+                "target_modules": ", ".join(sorted(peft_config.target_modules or []))}  # fmt: skip
+    all_tags = list(dict.fromkeys(["musicrl", "trl", *trainer._tag_names, *(["lora", "peft"] if lora else []), *tags]))
+    metadata = _metadata_yaml(
+        base_model=base_model if looks_like_hub_id(base_model) else None,
+        library_name="peft" if layout == "adapter" else "transformers",
+        pipeline_tag="text-to-audio",
+        license=license.license,
+        tags=all_tags,
+        datasets=[dataset_name] if dataset_name and looks_like_hub_id(dataset_name) else None,
+    )
+    if trainer.hub_anchor_model != base_model:
+        reference = f"`{trainer.hub_anchor_model}`"
+    elif trainer.is_peft_model:
+        reference = "the base model (the policy with its LoRA adapter disabled)"
+    else:
+        reference = "the starting model"
+    context = {
+        "metadata": metadata,
+        "repo_id": repo_id or os.path.basename(os.path.abspath(output_dir)),
+        "base_model": base_model,
+        "base_model_is_hub_id": looks_like_hub_id(base_model),
+        "layout": layout,
+        "loss_type": args.loss_type,
+        "beta": _format(float(args.beta)),
+        "label_smoothing": _format(float(args.label_smoothing)),
+        "reference": reference,
+        "dataset_name": dataset_name,
+        "num_pairs": trainer.num_pairs,
+        "num_ties_skipped": trainer.num_ties_skipped,
+        "num_skipped_rows": trainer.num_skipped_rows,
+        "input_kind": trainer.input_kind,
+        "guidance_scale": _format(float(args.guidance_scale)),
+        "temperature": _format(float(args.temperature)),
+        "steps": trainer.state.global_step,
+        "metrics": {key: _format(last[key]) for key in ("rewards/accuracies", "rewards/margins") if key in last},
+        "command": trainer.hub_command,
+        "hyperparameters": hyperparameters,
+        "lora": lora,
+        "eval_results": {
+            key: _format(value) for key, value in _eval_results(output_dir, trainer.state.log_history).items()
+        },
+        "license": license,
+        "license_explanation": license.explanation(),
+        "non_commercial": bool(license.non_commercial),
+        "dpo_citation": trainer._paper["citation"],
+        "trl_citation": TRL_CITATION,
+    }
+    return _template("dpo_card.md.jinja").render(**context)
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -3,7 +3,9 @@
 One row per vote: ``prompt``, ``chosen`` and ``rejected`` (``datasets.Audio``, the clips' bytes embedded so that the
 folder is self-contained), ``tie`` (for a tie ``chosen`` is clip A), ``rater`` (name), ``created_at`` (ISO 8601,
 UTC), and for bookkeeping ``pair_id``, ``chosen_clip_id``, ``rejected_clip_id``, ``chosen_system``,
-``rejected_system``, ``reason``, ``mode``. The trainer reads only the columns it needs.
+``rejected_system``, ``reason``, ``mode``. The trainer reads only the columns it needs. When the pool kept the codes
+of every voted clip (pools made by ``make_pool`` do), the rows also carry ``chosen_codes`` / ``rejected_codes`` [K, T]:
+``MusicDPOTrainer`` then trains on the exact tokens that were voted on.
 
 The audio columns are saved with ``decode=False``: decoding ``Audio`` in datasets 4+ needs torchcodec, which the
 library does not depend on; rows hold ``{"bytes", "path"}`` that soundfile reads (``AudioRewardTrainer`` does), and
@@ -15,7 +17,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from datasets import Audio, Dataset, Features, Value
+from datasets import Audio, Dataset, Features, Sequence, Value
 
 from .pool import Pool
 from .store import Store
@@ -40,11 +42,14 @@ FEATURES = Features(
         "mode": Value("string"),
     }
 )
+#: Columns added when every voted clip's codes are known ([K, T] integers).
+CODE_FEATURES = {name: Sequence(Sequence(Value("int64"))) for name in ("chosen_codes", "rejected_codes")}
 
 
 def votes_to_dataset(store: Store, pool: Pool) -> tuple[Dataset, int]:
     """The votes on clips of ``pool`` as a dataset, and how many votes were left out (clips of other pools)."""
     rows: dict[str, list] = {name: [] for name in FEATURES}
+    codes: dict[str, list] = {name: [] for name in CODE_FEATURES}
     skipped = 0
     for vote in store.votes():
         if vote["clip_a"] not in pool.clips or vote["clip_b"] not in pool.clips:
@@ -57,6 +62,8 @@ def votes_to_dataset(store: Store, pool: Pool) -> tuple[Dataset, int]:
             rows[column].append({"bytes": path.read_bytes(), "path": path.name})
             rows[f"{column}_clip_id"].append(clip_id)
             rows[f"{column}_system"].append(pool.clips[clip_id].system)
+            clip_codes = pool.codes_of(clip_id)
+            codes[f"{column}_codes"].append(None if clip_codes is None else clip_codes.tolist())
         rows["prompt"].append(vote["prompt"])
         rows["tie"].append(vote["choice"] == "tie")
         rows["rater"].append(vote["rater"])
@@ -66,8 +73,12 @@ def votes_to_dataset(store: Store, pool: Pool) -> tuple[Dataset, int]:
         rows["mode"].append(vote["mode"])
     # datasets 5 encodes Audio values through torchcodec, even {"bytes", "path"} cells that need no encoding; the
     # cells are built as plain structs and cast to Audio, which only relabels the Arrow column.
-    dataset = Dataset.from_dict(rows, features=Features({**FEATURES, "chosen": AUDIO_CELL, "rejected": AUDIO_CELL}))
-    return dataset.cast(FEATURES), skipped
+    features = FEATURES
+    if rows["prompt"] and all(cell is not None for column in codes.values() for cell in column):
+        rows.update(codes)
+        features = Features({**FEATURES, **CODE_FEATURES})
+    dataset = Dataset.from_dict(rows, features=Features({**features, "chosen": AUDIO_CELL, "rejected": AUDIO_CELL}))
+    return dataset.cast(features), skipped
 
 
 def export_dataset(
