@@ -8,7 +8,7 @@ diversity (token entropy per codebook, mean pairwise distance of clip embeddings
     python examples/evaluate_musicrl.py \
         --policy_a my-org/musicgen-small-musicrl-r --policy_b facebook/musicgen-small \
         --prompts prompts.txt --reward adherence=laion/larger_clap_music --reward loudness \
-        --num_samples_per_prompt 4 --audio_duration_s 10 --guidance_scale 3 --output_dir eval-musicrl-r
+        --num_samples_per_prompt 4 --audio_duration_s 10 --guidance_scale 3 --output_dir outputs/eval-musicrl-r
 
 Policies and the base are local paths or Hub ids, full models or LoRA adapters (a directory with
 adapter_config.json loads on its base model). `--prompts` is a text file with one prompt a line (any file that is not
@@ -66,7 +66,9 @@ class EvaluationArguments:
         default=None, metadata={"help": "Clip length in seconds instead of response_length (default 10 s)."}
     )
     seed: int = field(default=0, metadata={"help": "Prompt i is sampled with seed + i, for both policies."})
-    output_dir: str = field(default="evaluation", metadata={"help": "Where results.json/.md and plots go."})
+    output_dir: str = field(
+        default=os.path.join("outputs", "evaluation"), metadata={"help": "Where results.json/.md and plots go."}
+    )
     prompt_column: str = field(default="prompt", metadata={"help": "Text column of a prompt dataset."})
     dataset_split: str = field(default="train", metadata={"help": "Split of a prompt dataset."})
     guidance_scale: float = field(default=1.0, metadata={"help": "Classifier-free guidance when sampling and in KL."})
@@ -97,7 +99,17 @@ def main():
     (args,) = HfArgumentParser((EvaluationArguments,)).parse_args_into_dataclasses()
     rewards = [spec for group in args.reward for spec in (group if isinstance(group, list) else [group])]
     if not rewards:
-        raise SystemExit("give at least one --reward (loudness, brightness, silence, adherence=..., ...).")
+        raise SystemExit("error: give at least one --reward (loudness, brightness, silence, adherence=..., ...).")
+    positive = {
+        "--num_samples_per_prompt": args.num_samples_per_prompt,
+        "--response_length": args.response_length,
+        "--audio_duration_s": args.audio_duration_s,
+        "--batch_size": args.batch_size,
+        "--num_resamples": args.num_resamples,
+    }
+    for flag, value in positive.items():
+        if value is not None and not 0 < value < float("inf"):
+            raise SystemExit(f"error: {flag} must be a number > 0, got {value}.")
     if args.response_length is None and args.audio_duration_s is None:
         args.audio_duration_s = 10.0
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")

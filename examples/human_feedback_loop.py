@@ -1,4 +1,5 @@
-"""One turn of on-policy human feedback, offline: pool -> votes over HTTP -> preference model -> RL -> next pool.
+"""One turn of on-policy human feedback, offline: pool -> votes over HTTP -> preference model -> RL -> next pool
+(or, with ``--method dpo``, pool -> votes -> DPO on the votes -> next pool).
 
 MusicRL trained its user-preference reward once, on 300k votes collected on older models, and names repeated
 on-policy collection as the next step. This script closes that loop with the listening app (``musicrl-app``) and
@@ -13,6 +14,8 @@ scripted raters standing in for people (a few minutes on a 2-core CPU, nothing d
    ``AudioRewardTrainer``;
 4. one RL round with ``MusicPPOTrainer`` on that preference model alone (recipe MusicRL-U,
    ``examples/recipes/musicrl_u.yaml``, with the trained model in place of the recipe's);
+   With ``--method dpo`` steps 3-4 are one: ``MusicDPOTrainer`` trains the policy on the exported votes directly,
+   on the exact codes the pool sampled (no reward model, no rollouts);
 5. the new policy makes the next pool, served in evaluation mode next to the old policy's clips: the same raters
    vote, ``musicrl-app report`` prints the new policy's win rate, and the new votes are the next round's data.
 
@@ -48,10 +51,17 @@ import numpy as np
 import soundfile as sf
 import torch
 from datasets import Dataset, load_from_disk
-from transformers import MusicgenForConditionalGeneration, MusicgenProcessor
+from transformers import MusicgenForConditionalGeneration, MusicgenProcessor, PrinterCallback
 from trl import TrlParser
 
-from musicrl_trl import AudioRewardConfig, AudioRewardTrainer, MusicPPOConfig, MusicPPOTrainer
+from musicrl_trl import (
+    AudioRewardConfig,
+    AudioRewardTrainer,
+    MusicDPOConfig,
+    MusicDPOTrainer,
+    MusicPPOConfig,
+    MusicPPOTrainer,
+)
 from musicrl_trl.app.client import ApiError, RaterClient, ServerProcess
 from musicrl_trl.app.export import export_dataset
 from musicrl_trl.app.pool import load_pool, make_pool
@@ -89,7 +99,12 @@ class LoopArguments:
         default=0.25, metadata={"help": "Rater noise: P(A wins) = sigmoid((loudness_A - loudness_B) / taste_db)."}
     )
     tie_db: float = field(default=0.02, metadata={"help": "Raters call clips closer than this in loudness a tie."})
+    method: str = field(
+        default="rl",
+        metadata={"help": "'rl': preference model + RL round (MusicRL-U); 'dpo': MusicDPOTrainer on the votes."},
+    )
     rl_updates: int = field(default=40, metadata={"help": "Policy updates in the RL round (batches of 8 clips)."})
+    dpo_epochs: float = field(default=4, metadata={"help": "Passes over the votes in the DPO round."})
     eval_clips_per_prompt: int = field(default=2, metadata={"help": "Clips per prompt and policy when evaluating."})
     seed: int = field(default=0, metadata={"help": "Seeds the policy, sampling, raters and training."})
 
@@ -166,6 +181,9 @@ def train_preference_model(dataset_dir: Path, output_dir: Path, seed: int) -> fl
         seed=seed,
     )
     trainer = AudioRewardTrainer(model=model, args=args, train_dataset=dataset["train"], eval_dataset=dataset["test"])
+    # With disable_tqdm, transformers' PrinterCallback prints every logged metric dict to stdout; the loop prints its
+    # own summary and the metrics stay in trainer.state.log_history.
+    trainer.remove_callback(PrinterCallback)
     trainer.train()
     trainer.save_model(str(output_dir))
     return trainer.evaluate()["eval_accuracy"]
@@ -199,6 +217,7 @@ def rl_round(policy_dir: Path, reward_dir: Path, output_dir: Path, args: LoopArg
         reward_model=[preference],
         train_dataset=Dataset.from_dict({"prompt": PROMPTS * 4}),
     )
+    trainer.remove_callback(PrinterCallback)  # as above
     trainer.train()
     trainer.save_model(str(output_dir))
     scores = [entry["objective/scores"] for entry in trainer.state.log_history if "objective/scores" in entry]
@@ -206,6 +225,38 @@ def rl_round(policy_dir: Path, reward_dir: Path, output_dir: Path, args: LoopArg
     print(
         f"  preference reward (normalised), first quarter of the round: {np.mean(scores[:quarter]):+.3f}, "
         f"last quarter: {np.mean(scores[-quarter:]):+.3f}"
+    )
+
+
+def dpo_round(policy_dir: Path, dataset_dir: Path, output_dir: Path, args: LoopArguments) -> None:
+    """DPO on the exported votes directly: the pool kept each clip's codes, so the policy trains on the exact tokens
+    the raters heard (ties skipped)."""
+    config = MusicDPOConfig(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=8,
+        num_train_epochs=args.dpo_epochs,
+        learning_rate=1e-3,
+        lr_scheduler_type="constant",
+        beta=0.1,
+        response_length=args.response_length,
+        logging_steps=5,
+        save_strategy="no",
+        disable_tqdm=True,
+        report_to="none",
+        seed=args.seed,
+    )
+    model = MusicgenForConditionalGeneration.from_pretrained(policy_dir)
+    processor = MusicgenProcessor.from_pretrained(policy_dir)
+    trainer = MusicDPOTrainer(model, args=config, train_dataset=load_from_disk(str(dataset_dir)),
+                              processing_class=processor)  # fmt: skip
+    trainer.remove_callback(PrinterCallback)  # as in train_preference_model
+    trainer.train()
+    trainer.save_model(str(output_dir))
+    logs = [entry for entry in trainer.state.log_history if "rewards/accuracies" in entry]
+    print(
+        f"  {trainer.num_pairs} pairs ({trainer.num_ties_skipped} ties skipped, {trainer.input_kind} as voted); "
+        f"rewards/accuracies {logs[0]['rewards/accuracies']:.2f} -> {logs[-1]['rewards/accuracies']:.2f}, "
+        f"rewards/margins {logs[-1]['rewards/margins']:+.3f}"
     )
 
 
@@ -245,6 +296,8 @@ def policy_1_result(report: dict) -> tuple[float | None, str]:
 
 
 def main(args: LoopArguments) -> dict:
+    if args.method not in ("rl", "dpo"):
+        raise ValueError(f"--method must be 'rl' or 'dpo', got {args.method!r}.")
     torch.set_num_threads(1)  # tiny models: threads only add synchronisation on a busy 2-core machine
     out = Path(args.output_dir)
     if out.exists() and any(out.iterdir()):
@@ -274,13 +327,19 @@ def main(args: LoopArguments) -> dict:
     votes = collect_votes(out / "pool-0", db, tokens, args, args.votes_per_rater, "collect")
     print(f"  {votes} votes")
 
-    print("3. export and train the preference model")
-    dataset = export_dataset(store, load_pool(out / "pool-0"), out / "preferences-0")
-    accuracy = train_preference_model(out / "preferences-0", out / "preference-model-0", args.seed)
-    print(f"  {len(dataset)} pairs ({sum(dataset['tie'])} ties); held-out accuracy {accuracy:.2f}")
+    accuracy = None
+    if args.method == "dpo":
+        print("3-4. export, and DPO on the votes (MusicDPOTrainer)")
+        export_dataset(store, load_pool(out / "pool-0"), out / "preferences-0")
+        dpo_round(policy_0, out / "preferences-0", out / "policy-1", args)
+    else:
+        print("3. export and train the preference model")
+        dataset = export_dataset(store, load_pool(out / "pool-0"), out / "preferences-0")
+        accuracy = train_preference_model(out / "preferences-0", out / "preference-model-0", args.seed)
+        print(f"  {len(dataset)} pairs ({sum(dataset['tie'])} ties); held-out accuracy {accuracy:.2f}")
 
-    print("4. one RL round on the preference model (recipe MusicRL-U)")
-    rl_round(policy_0, out / "preference-model-0", out / "policy-1", args)
+        print("4. one RL round on the preference model (recipe MusicRL-U)")
+        rl_round(policy_0, out / "preference-model-0", out / "policy-1", args)
 
     print("5. the new policy's pool, rated side by side with the old policy's")
     make_pool(
@@ -298,6 +357,7 @@ def main(args: LoopArguments) -> dict:
     print(to_markdown(report))
     win_rate, result = policy_1_result(report)
     summary = {
+        "method": args.method,
         "collection_votes": votes,
         "evaluation_votes": report["votes"],
         "policy_1_win_rate": win_rate,

@@ -29,16 +29,18 @@ PATH/checkpoint-N`; pass the same flags as the first run.
 from __future__ import annotations
 
 import os
+import shutil
 import statistics
 import sys
 import time
 from dataclasses import dataclass, field
 
 import torch
+import yaml
 from accelerate import PartialState
 from datasets import Dataset
 from transformers import MusicgenForConditionalGeneration, MusicgenProcessor
-from trl import ModelConfig, TrlParser, get_peft_config
+from trl import ModelConfig, TrlParser
 
 from musicrl_trl import MusicPPOConfig, MusicPPOTrainer
 from musicrl_trl.cli import (
@@ -46,7 +48,6 @@ from musicrl_trl.cli import (
     apply_recipe_defaults,
     configured_options,
     layout_help,
-    load_any_dataset,
     option_value,
     own_fields,
     parse_name_values,
@@ -54,7 +55,7 @@ from musicrl_trl.cli import (
     write_run_config,
 )
 from musicrl_trl.distributed import end_distributed_run
-from musicrl_trl.loading import ModelLoadingError, load_pretrained
+from musicrl_trl.loading import ModelLoadingError, check_model_folder, load_pretrained, load_prompts
 from musicrl_trl.lora import MUSICGEN_LORA_TARGET_MODULES
 from musicrl_trl.quantization import musicgen_quantization_config
 from musicrl_trl.reward_models import LoudnessReward
@@ -155,7 +156,7 @@ def parse_arguments(argv: list[str] | None = None) -> tuple[ScriptArguments, Mus
         help_texts=HELP_TEXTS,
     )
     recipe_path = option_value(argv, "--recipe", parser)
-    recipe = load_recipe(recipe_path) if recipe_path else None
+    recipe = read_recipe(recipe_path) if recipe_path else None
     chosen = configured_options(parser, argv, recipe)  # by flag, --config file or recipe
     if "model_name_or_path" not in chosen:
         # The offline demo's defaults, below everything a user chose (set first: later defaults override them).
@@ -169,7 +170,32 @@ def parse_arguments(argv: list[str] | None = None) -> tuple[ScriptArguments, Mus
     script_args, training_args, model_args = parser.parse_args_and_config(argv)
     if model_args.use_peft and not model_args.lora_target_modules:
         model_args.lora_target_modules = list(MUSICGEN_LORA_TARGET_MODULES)
+    if (model_args.load_in_4bit or model_args.load_in_8bit) and not model_args.use_peft:
+        bits = "--load_in_4bit" if model_args.load_in_4bit else "--load_in_8bit"
+        raise ValueError(
+            f"{bits} freezes the policy's weights in {bits[10]} bits, so only LoRA adapters can learn: add --use_peft "
+            f"(e.g. --use_peft --lora_r 16), or drop {bits} to train the full model."
+        )
     return script_args, training_args, model_args, recipe
+
+
+def read_recipe(path: str) -> dict:
+    """`--recipe PATH` read and checked, with errors naming the flag, the file and the fix (not yaml's traceback)."""
+    shipped = "examples/recipes/musicrl_r.yaml, musicrl_u.yaml or musicrl_ru.yaml"
+    if os.path.isdir(path):
+        raise ValueError(f"--recipe: {path!r} is a folder; pass a recipe YAML file ({shipped}).")
+    if not os.path.isfile(path):
+        raise ValueError(
+            f"--recipe: the file {path!r} does not exist (working directory: {os.getcwd()}); pass a recipe YAML file "
+            f"({shipped})."
+        )
+    try:
+        return load_recipe(path)
+    except yaml.YAMLError as error:
+        problem = " ".join(str(error).split())  # yaml's message spans several lines
+        raise ValueError(
+            f"--recipe: {path!r} is not valid YAML ({problem}); fix the file or start from {shipped}."
+        ) from None
 
 
 def anchor_of(script_args: ScriptArguments, model_args: ModelConfig, recipe: dict | None) -> str | None:
@@ -188,46 +214,26 @@ def check_models(script_args: ScriptArguments, model_args: ModelConfig, recipe: 
     overrides = reward_overrides(script_args, recipe)
     try:
         check_recipe_models(recipe or {"reward_models": [], "name": "this run"}, models, **overrides)
-        problems = [problem for role, path in models.items() if (problem := musicgen_folder_problem(role, path))]
+        problems = []
+        for (role, what), path in zip((("policy", "policy"), ("anchor", "KL anchor")), models.values()):
+            if path is None:
+                continue
+            try:  # training starts from full weights (an adapter's merged folder), the policy with its processor
+                check_model_folder(path, role, what, adapters=False, revision=model_args.model_revision)
+            except ModelLoadingError as error:
+                problems.append(str(error))
+        if len(problems) == 1:
+            raise ModelLoadingError(problems[0])
         if problems:
             raise ModelLoadingError(
-                f"{len(problems)} model(s) of this run cannot be loaded (nothing was loaded yet):\n- "
+                f"{len(problems)} models of this run cannot be loaded (nothing was loaded yet):\n- "
                 + "\n- ".join(problems)
             )
     except ModelLoadingError as error:
         raise ModelLoadingError(
-            f"{error}\nPoint the policy elsewhere with --model_name_or_path, the anchor with --ref_model, and a "
+            f"{error} Point the policy elsewhere with --model_name_or_path, the anchor with --ref_model, and a "
             "recipe's reward with --reward_model NAME=PATH_OR_ID."
         ) from None
-
-
-def musicgen_folder_problem(role: str, path: str | None) -> str | None:
-    """What keeps a local folder from being loaded as a MusicGen policy (its processor too) or anchor, else None."""
-    if path is None or not os.path.isdir(path):
-        return None  # Hub ids were resolved by check_recipe_models
-    if os.path.isfile(os.path.join(path, "adapter_config.json")):
-        merged = os.path.join(path, "merged")
-        return (
-            f"{role}: {path!r} holds a LoRA adapter (adapter_config.json), not a full MusicGen. Start from its merged "
-            f"weights ({merged!r}, written by a --use_peft run with --save_merged_lora, the default), or from the "
-            "adapter's base model."
-        )
-    if role == "policy":
-        # transformers 5 writes processor_config.json, older versions preprocessor_config.json.
-        needed = {"feature extractor": ("processor_config.json", "preprocessor_config.json"),
-                  "tokenizer": ("tokenizer_config.json", "tokenizer.json")}  # fmt: skip
-        missing = [
-            f"{part} ({' or '.join(names)})"
-            for part, names in needed.items()
-            if not any(os.path.isfile(os.path.join(path, name)) for name in names)
-        ]
-        if missing:
-            return (
-                f"{role}: {path!r} has no MusicGen processor (no {', no '.join(missing)}), which the policy needs "
-                "for its prompts and audio. Save one beside the model: `MusicgenProcessor.from_pretrained("
-                f"'facebook/musicgen-small').save_pretrained({path!r})` (or the processor it was trained with)."
-            )
-    return None
 
 
 def reward_overrides(script_args: ScriptArguments, recipe: dict | None) -> dict[str, dict[str, str]]:
@@ -297,31 +303,16 @@ def load_policy(model_args: ModelConfig, allow_pickle_weights: bool = False):
     return model, processor
 
 
-def load_prompts(script_args: ScriptArguments) -> Dataset:
+def load_train_prompts(script_args: ScriptArguments) -> Dataset:
     if script_args.dataset_name is None:
         return Dataset.from_dict({"prompt": DEMO_PROMPTS * 4})
     return prompt_split(script_args.dataset_name, script_args.dataset_split, script_args, "--dataset_name")
 
 
 def prompt_split(name: str, split: str, script_args: ScriptArguments, flag: str) -> Dataset:
-    """One split's prompts (column `prompt`) from a Hub id, a dataset folder or a data file (a .txt file: one prompt a
-    line), with errors that name the flag, the missing split or column, and the fix."""
-    splits = load_any_dataset(name, what=flag)
-    if split not in splits:
-        raise ValueError(f"{flag} {name!r} has no split {split!r}; its splits are {list(splits)}.")
-    dataset = splits[split]
-    column = script_args.prompt_column
-    if column == "prompt" and name.lower().endswith(".txt") and os.path.isfile(name):
-        column = "text"  # a text file's lines: blank ones are spacing, not prompts
-        dataset = dataset.filter(lambda text: bool(text.strip()), input_columns="text")
-    if column not in dataset.column_names:
-        raise ValueError(
-            f"{flag} {name!r} has no column {column!r}; its columns are {dataset.column_names}. Name the prompt "
-            "column with --prompt_column."
-        )
-    if column != "prompt":
-        dataset = dataset.rename_column(column, "prompt")
-    return dataset.select_columns(["prompt"])
+    """One split's prompts (column `prompt`) through the library's one prompt loader (text file, data file, dataset
+    folder or Hub id; blank lines and empty rows refused with their number), errors naming `flag`."""
+    return Dataset.from_dict({"prompt": load_prompts(name, split=split, column=script_args.prompt_column, what=flag)})
 
 
 def load_eval_prompts(script_args: ScriptArguments, training_args: MusicPPOConfig) -> Dataset | None:
@@ -372,14 +363,19 @@ def print_summary(log_history: list[dict], output_dir: str, seconds: float) -> N
 
 
 def main():
-    script_args, training_args, model_args, recipe = parse_arguments()
+    # Every mistake in the inputs ends in one `error: ...` line (the input, the problem, the fix), a non-zero exit and
+    # nothing new on disk: everything is checked before a model is loaded or a folder is created.
+    try:
+        script_args, training_args, model_args, recipe = parse_arguments()
+    except (ValueError, OSError) as error:  # recipe files, numbers out of range, flags that exclude each other
+        sys.exit(f"error: {error}")
     if training_args.output_dir in (None, "trainer_output"):
         training_args.output_dir = os.path.join("outputs", "ppo_musicrl")
 
     try:
         check_models(script_args, model_args, recipe)
         resume = resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir)
-        train_dataset = load_prompts(script_args)
+        train_dataset = load_train_prompts(script_args)
         eval_dataset = load_eval_prompts(script_args, training_args)
     except (ModelLoadingError, ValueError) as error:
         sys.exit(f"error: {error}")
@@ -387,28 +383,38 @@ def main():
     try:  # what only loading can find (e.g. pickle-only weights, refused without --allow_pickle_weights)
         model, processor = load_policy(model_args, training_args.allow_pickle_weights)
         rewards, weights, ref_model = load_rewards(script_args, model_args)
-    except ModelLoadingError as error:
+    except (ModelLoadingError, ValueError) as error:
         sys.exit(f"error: {error}")
     if weights is not None and training_args.reward_weights is None:
         training_args.reward_weights = weights
+    # Imported here, not at the top: it imports peft, and peft bitsandbytes, whose import-time log line
+    # musicrl_trl silences only once it is imported itself (see musicrl_trl/_console.py).
+    from trl import get_peft_config
+
     peft_config = get_peft_config(model_args)
     if peft_config is not None and training_args.lora_value_trunk is None:
         # A LoRA run trains the separate value network through the same adapters (not a full decoder copy).
         training_args.lora_value_trunk = True
-    if training_args.should_save:  # every setting is final now, the reward weights and LoRA value trunk included
-        write_run_config(training_args.output_dir, script=script_args, training=training_args, model=model_args)
 
     start = time.time()
-    trainer = MusicPPOTrainer(
-        args=training_args,
-        processing_class=processor,
-        model=model,
-        ref_model=ref_model,
-        reward_model=rewards,
-        train_dataset=train_dataset,
-        eval_dataset=eval_dataset,
-        peft_config=peft_config,
-    )
+    output_existed = os.path.exists(training_args.output_dir)
+    try:  # the trainer checks what depends on the model and the machine (e.g. --fp16 without a GPU)
+        trainer = MusicPPOTrainer(
+            args=training_args,
+            processing_class=processor,
+            model=model,
+            ref_model=ref_model,
+            reward_model=rewards,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            peft_config=peft_config,
+        )
+    except (ValueError, ModelLoadingError) as error:
+        if not output_existed and os.path.isdir(training_args.output_dir) and training_args.should_save:
+            shutil.rmtree(training_args.output_dir)  # only what this run made: an empty run is no run
+        sys.exit(f"error: {error}")
+    if training_args.should_save:  # every setting is final now, the reward weights and LoRA value trunk included
+        write_run_config(training_args.output_dir, script=script_args, training=training_args, model=model_args)
     trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(training_args.output_dir)
 

@@ -333,8 +333,8 @@ def main(script_args: ScriptArguments, training_args: AudioRewardConfig) -> dict
 
 if __name__ == "__main__":
     parser = TrlParser((ScriptArguments, AudioRewardConfig))
-    script_args, training_args = parser.parse_args_and_config()
-    try:
+    try:  # a config that refuses its numbers is reported like every other mistake: one line, no traceback
+        script_args, training_args = parser.parse_args_and_config()
         main(script_args, training_args)
     except (ModelLoadingError, FileNotFoundError, ValueError) as error:  # messages that say what to fix
         sys.exit(f"error: {error}")

@@ -45,9 +45,11 @@ __all__ = [
     "ModelLoadingError",
     "check_no_pickle_only_weights",
     "check_safetensors_file",
+    "check_model_folder",
     "check_weights",
     "is_local_path",
     "load_pretrained",
+    "load_prompts",
     "resolve_pretrained",
 ]
 
@@ -72,8 +74,16 @@ def _with_hint(message: str, hint: str | None) -> str:
 
 
 def is_local_path(name: str) -> bool:
-    """True if ``name`` can only mean a local path: absolute, ``./``-relative, ``~``, or not a valid Hub repo id."""
-    if os.path.isabs(name) or name.startswith(("./", "../", "~", ".\\", "..\\")) or name in (".", ".."):
+    """True if ``name`` can only mean a local path: absolute, starting with ``.`` or ``~``, holding a backslash or more
+    than one ``/``, under an existing local folder (``outputs/run-1`` where ``outputs/`` exists), or not a valid Hub
+    repo id.
+
+    ``outputs/does-not-exist`` was taken for a Hub id and reported as "cannot reach the Hub": a user who types a path
+    under a folder they have means that folder."""
+    if os.path.isabs(name) or name.startswith((".", "~")) or "\\" in name or name.count("/") > 1:
+        return True
+    parent = name.split("/", 1)[0]
+    if "/" in name and parent and os.path.isdir(parent):
         return True
     try:
         validate_repo_id(name)
@@ -318,3 +328,216 @@ def load_pretrained(
             f"{what}: the weights of {os.fspath(name_or_path)!r} could not be read ({error}); a download was probably "
             "cut short. Delete the model from the Hugging Face cache or run `hf download <repo id> --force-download`."
         ) from None
+
+
+#: Files that make a folder a MusicGen processor: (feature extractor, tokenizer); transformers 5 writes
+#: processor_config.json, older versions preprocessor_config.json.
+PROCESSOR_FILES = {
+    "feature extractor": ("processor_config.json", "preprocessor_config.json"),
+    "tokenizer": ("tokenizer_config.json", "tokenizer.json"),
+}
+MODEL_ROLES = ("policy", "anchor", "reward")
+
+
+def _missing_processor_parts(folder: str) -> list[str]:
+    return [
+        f"{part} ({' or '.join(names)})"
+        for part, names in PROCESSOR_FILES.items()
+        if not any(os.path.isfile(os.path.join(folder, name)) for name in names)
+    ]
+
+
+def check_model_folder(
+    name_or_path: str | os.PathLike,
+    role: str,
+    what: str | None = None,
+    hint: str | None = None,
+    adapters: bool = False,
+    revision: str | None = None,
+) -> str:
+    """The one check of "can this model be loaded in this role", before anything is loaded; returns the source to load
+    (as :func:`resolve_pretrained`) or raises :class:`ModelLoadingError` naming ``what`` (default: ``role``), the
+    problem and the fix.
+
+    Args:
+        role: ``"policy"`` (a MusicGen whose processor must be there too), ``"anchor"`` (a MusicGen, no processor
+            needed) or ``"reward"`` (any saved model).
+        adapters: whether a LoRA adapter folder (``adapter_config.json``) is accepted in place of a full model: the
+            evaluation and the app load an adapter on its base model; training starts from full weights only.
+
+    Besides what :func:`resolve_pretrained` finds (missing local path, a file, corrupt safetensors, offline Hub id), a
+    local folder must hold ``config.json`` (or, with ``adapters``, ``adapter_config.json`` whose base model exists),
+    and a policy's folder its processor (an adapter may leave the processor to its base). Hub ids are not inspected.
+    """
+    if role not in MODEL_ROLES:
+        raise ValueError(f"role must be one of {MODEL_ROLES}, got {role!r}.")
+    what = what or role
+    name = os.fspath(name_or_path)
+    source = resolve_pretrained(name, what, hint, revision)
+    if not os.path.isdir(source) or source != os.path.expanduser(name):
+        return source  # a Hub id (or its cached snapshot): its files are the publisher's
+    if os.path.isfile(os.path.join(source, "adapter_config.json")):
+        if not adapters:
+            merged = os.path.join(name, "merged")
+            kind = "model" if role == "reward" else "MusicGen"
+            raise ModelLoadingError(
+                f"{what}: {name!r} holds a LoRA adapter (adapter_config.json), not a full {kind}. Start from its "
+                f"merged weights ({merged!r}, written by a --use_peft run with --save_merged_lora, the default), or "
+                "from the adapter's base model."
+            )
+        with open(os.path.join(source, "adapter_config.json"), encoding="utf-8") as handle:
+            base = json.load(handle).get("base_model_name_or_path")
+        if not base:
+            raise ModelLoadingError(
+                f"{what}: the adapter {name!r} names no base model (base_model_name_or_path in adapter_config.json); "
+                "set it to the MusicGen the adapter was trained on."
+            )
+        resolve_pretrained(base, f"{what} (the base model of the adapter {name!r})", hint)
+        return source
+    if not os.path.isfile(os.path.join(source, "config.json")):
+        kinds = "neither config.json nor adapter_config.json" if adapters else "no config.json"
+        raise ModelLoadingError(
+            _with_hint(
+                f"{what}: the folder {name!r} holds {kinds}, so it is not a saved model (an interrupted save, or "
+                "the wrong folder?).",
+                hint,
+            )
+        )
+    missing = _missing_processor_parts(source) if role == "policy" else []
+    if missing:
+        raise ModelLoadingError(
+            f"{what}: {name!r} has no MusicGen processor (no {', no '.join(missing)}), which a policy needs for its "
+            "prompts and audio. Save one beside the model: `MusicgenProcessor.from_pretrained("
+            f"'facebook/musicgen-small').save_pretrained({name!r})` (or the processor it was trained with)."
+        )
+    return source
+
+
+#: Data-file extensions read with ``datasets`` (and the builder that reads them); any other file is one prompt a line.
+PROMPT_DATA_FILES = {"json": "json", "jsonl": "json", "csv": "csv", "parquet": "parquet", "arrow": "arrow"}
+PROMPT_SOURCES = (
+    "a text file with one prompt a line, a dataset folder saved with save_to_disk, a .json/.jsonl/.csv/.parquet/"
+    ".arrow file, or a Hub dataset id"
+)
+
+
+def load_prompts(source: Any, split: str = "train", column: str = "prompt", what: str = "prompts") -> list[str]:
+    """The one prompt loader: a text file (any existing file that is not a data file: one prompt a line), a dataset
+    folder (``save_to_disk``), a data file (.json/.jsonl/.csv/.parquet/.arrow, any case), a Hub dataset id, a
+    ``datasets.Dataset`` or a list of strings. Prompts are stripped of surrounding spaces.
+
+    Raises ``ValueError`` starting with ``what`` (e.g. ``"--dataset_name"``) that names the source, the problem and
+    the fix: an empty file or dataset; a blank line or an empty row (named by number: a blank line between prompts is
+    a mistake more often than spacing, and an empty prompt would be trained on; blank lines at the end of a file are
+    ignored); a missing ``column`` or ``split``; a path that does not exist; something ``datasets`` cannot read
+    (offline and not cached, no such dataset, a malformed file: the cause attached).
+    """
+    if isinstance(source, (list, tuple)):
+        return _checked_rows(list(source), "the prompt list", "item", what)
+    if hasattr(source, "column_names"):  # a datasets.Dataset already loaded
+        if column not in source.column_names:
+            raise ValueError(f"{what}: the dataset has no {column!r} column (columns: {source.column_names}).")
+        return _checked_rows(source[column], "the dataset", "row", what)
+    if not isinstance(source, (str, os.PathLike)):
+        raise ValueError(
+            f"{what}: prompts must be {PROMPT_SOURCES}, a datasets.Dataset or a list; got {type(source).__name__}."
+        )
+    source = os.fspath(source)
+    extension = os.path.splitext(source)[1].lstrip(".").lower()
+    if os.path.isfile(source) and extension not in PROMPT_DATA_FILES:
+        return _prompts_from_text_file(source, what)
+    return _prompts_from_dataset(source, extension, split, column, what)
+
+
+def _checked_rows(rows: list, origin: str, unit: str, what: str) -> list[str]:
+    prompts = []
+    for index, row in enumerate(rows):
+        text = row.strip() if isinstance(row, str) else ""
+        if not text:
+            raise ValueError(
+                f"{what}: {unit} {index} of {origin} is empty ({row!r}); every {unit} must hold a prompt: fill it in "
+                "or remove it."
+            )
+        prompts.append(text)
+    if not prompts:
+        raise ValueError(f"{what}: no prompts in {origin}: give at least one non-empty prompt.")
+    return prompts
+
+
+def _prompts_from_text_file(path: str, what: str) -> list[str]:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            lines = handle.read().splitlines()
+    except UnicodeDecodeError as error:
+        raise ValueError(
+            f"{what}: the prompt file {path!r} is not UTF-8 text ({error}): save it as UTF-8, one prompt a line."
+        ) from error
+    while lines and not lines[-1].strip():
+        lines.pop()  # trailing blank lines: an editor's, not a mistake
+    if not lines:
+        raise ValueError(f"{what}: no prompts in {path!r}: the file is empty or blank; write one prompt a line.")
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            raise ValueError(
+                f"{what}: line {number} of {path!r} is blank; write one prompt a line, without blank lines."
+            )
+    return [line.strip() for line in lines]
+
+
+def _prompts_from_dataset(source: str, extension: str, split: str, column: str, what: str) -> list[str]:
+    import datasets
+
+    exists = os.path.exists(source)
+    if not exists and (is_local_path(source) or extension in (*PROMPT_DATA_FILES, "txt")):
+        raise ValueError(
+            f"{what}: there is no file or folder {source!r} (working directory: {os.getcwd()}): pass {PROMPT_SOURCES}."
+        )
+    saved = any(os.path.isfile(os.path.join(source, name)) for name in ("state.json", "dataset_dict.json"))
+    if os.path.isfile(source) and os.path.getsize(source) == 0:
+        raise ValueError(f"{what}: no prompts in {source!r}: the file is empty; give it a {column!r} column.")
+    try:
+        if os.path.isdir(source) and saved:
+            dataset = datasets.load_from_disk(source)
+        elif os.path.isfile(source):
+            dataset = datasets.load_dataset(PROMPT_DATA_FILES[extension], data_files=source, split="train")
+        else:
+            dataset = datasets.load_dataset(source, split=split)
+    except ValueError as error:
+        if os.path.isfile(source) and "corresponds to no data" in str(error):  # datasets' words for a header only
+            raise ValueError(
+                f"{what}: no prompts in {source!r}: the file holds no rows; give it a {column!r} column of prompts."
+            ) from error
+        if "split" in str(error).lower():  # datasets: 'Unknown split "test". Should be one of ['train'].'
+            raise ValueError(
+                f"{what}: {source!r} has no split {split!r} ({error}); pick one with --dataset_split."
+            ) from error
+        raise _unreadable_prompts(source, exists, error, what) from error
+    except Exception as error:  # offline, no such dataset, a malformed file: all reported the same way, cause attached
+        raise _unreadable_prompts(source, exists, error, what) from error
+    if isinstance(dataset, datasets.DatasetDict):
+        if split not in dataset:
+            raise ValueError(f"{what}: {source!r} has no split {split!r} (splits: {list(dataset)}).")
+        dataset = dataset[split]
+    if column not in dataset.column_names:
+        raise ValueError(
+            f"{what}: {source!r} has no {column!r} column (columns: {dataset.column_names}); name the text column "
+            "with --prompt_column."
+        )
+    return _checked_rows(dataset[column], repr(source), "row", what)
+
+
+def _unreadable_prompts(source: str, exists: bool, error: Exception, what: str) -> ValueError:
+    cause = f"{type(error).__name__}: {error}"
+    if exists:
+        fix = f"check that it is {PROMPT_SOURCES}"
+    elif constants.HF_HUB_OFFLINE:
+        fix = (
+            "it is not a local file or folder and HF_HUB_OFFLINE=1 forbids downloading it: unset HF_HUB_OFFLINE to "
+            "read it from the Hub, or pass a local text file with one prompt a line"
+        )
+    else:
+        fix = (
+            f"it is not a local file or folder (working directory: {os.getcwd()}) and could not be read as a Hub "
+            f"dataset id: check the id and your connection, or pass {PROMPT_SOURCES}"
+        )
+    return ValueError(f"{what}: could not read prompts from {source!r} ({cause}): {fix}.")

@@ -22,9 +22,14 @@ Memory (weights only, P decoder parameters): fp32 4P bytes, bf16 2P, 8-bit about
 
 from __future__ import annotations
 
+import sys
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn as nn
-from transformers import BitsAndBytesConfig
+
+if TYPE_CHECKING:
+    from transformers import BitsAndBytesConfig
 
 __all__ = [
     "QUANTIZATION_SKIP_MODULES",
@@ -61,6 +66,8 @@ def musicgen_quantization_config(
         return None
     if isinstance(compute_dtype, str):
         compute_dtype = None if compute_dtype == "auto" else getattr(torch, compute_dtype)
+    from transformers import BitsAndBytesConfig
+
     return BitsAndBytesConfig(
         load_in_4bit=load_in_4bit,
         load_in_8bit=load_in_8bit,
@@ -72,9 +79,10 @@ def musicgen_quantization_config(
 
 
 def _bnb_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    try:
-        import bitsandbytes as bnb
-    except ImportError:  # nothing can be quantized without it
+    # A model can hold bitsandbytes layers only once bitsandbytes was imported (by a quantized load, or by peft);
+    # importing it here for every unquantized model would cost seconds and a Hub lookup for a CPU kernel.
+    bnb = sys.modules.get("bitsandbytes")
+    if bnb is None:
         return []
     return [
         (name, module)
@@ -85,11 +93,11 @@ def _bnb_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 def quantization_bits(model: nn.Module) -> int | None:
     """4 or 8 when ``model`` holds bitsandbytes layers, else ``None``."""
-    import bitsandbytes as bnb
-
     layers = _bnb_layers(model)
     if not layers:
         return None
+    import bitsandbytes as bnb
+
     return 4 if any(isinstance(module, bnb.nn.Linear4bit) for _, module in layers) else 8
 
 

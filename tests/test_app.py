@@ -533,7 +533,7 @@ def test_cli_make_pool_add_rater_and_serve_checks(tmp_path, capsys):
 
     policy, policy_b = save_tiny_musicgen(tmp_path / "base", seed=0), save_tiny_musicgen(tmp_path / "tuned", seed=1)
     prompts = tmp_path / "prompts.txt"
-    prompts.write_text("# two prompts\ncalm piano\n\nloud drums\n")
+    prompts.write_text("calm piano\nloud drums\n")
     out = tmp_path / "pool"
     argv = ["make-pool", "--policy", policy, "--policy_b", policy_b, "--prompts", str(prompts)]
     argv += ["--clips_per_prompt", "2", "--out", str(out), "--audio_duration_s", "0.2", "--batch_size", "4"]
@@ -554,7 +554,8 @@ def test_cli_make_pool_add_rater_and_serve_checks(tmp_path, capsys):
     (tmp_path / "half-saved").mkdir()
     broken = [
         (tmp_path / "gone", f"policy_b: the local path '{tmp_path / 'gone'}' does not exist"),
-        (tmp_path / "half-saved", f"policy_b: the folder '{tmp_path / 'half-saved'}' holds no config.json"),
+        (tmp_path / "half-saved", f"policy_b: the folder '{tmp_path / 'half-saved'}' holds neither config.json nor "
+         "adapter_config.json"),
     ]
     for policy_b_path, problem in broken:
         bad = ["make-pool", "--policy", policy, "--policy_b", str(policy_b_path), "--prompts", str(prompts)]

@@ -201,7 +201,7 @@ def test_browser_plays_both_clips_and_votes(tmp_path):
 
 
 @pytest.mark.slow
-def test_human_feedback_loop_example_runs_offline(tmp_path):
+def test_human_feedback_loop_example_runs_offline(tmp_path, capsys):
     import importlib.util
     import sys
 
@@ -220,6 +220,7 @@ def test_human_feedback_loop_example_runs_offline(tmp_path):
         eval_clips_per_prompt=1,
     )
     summary = example.main(args)
+    assert "{'" not in capsys.readouterr().out  # a step summary, not the trainers' raw metric dicts
     out = tmp_path / "loop"
     assert summary["collection_votes"] == 2 * 4
     assert summary["evaluation_votes"] == 2 * len(example.PROMPTS)  # every rater rated every cross-system pair

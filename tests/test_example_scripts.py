@@ -249,7 +249,7 @@ def test_demo_defaults_yield_to_the_recipe_a_config_file_and_equals_flags(tmp_pa
         LOUDNESS_RECIPE + "  total_episodes: 8\n  per_device_train_batch_size: 4\n  save_steps: 1\n"
     )
     (tmp_path / "config.yaml").write_text("kl_coef: 0.03\n")
-    (tmp_path / "prompts.txt").write_text("calm piano\n\nloud drums\nsoft strings\n")
+    (tmp_path / "prompts.txt").write_text("calm piano\nloud drums\nsoft strings\n")
     flags = ["--rec", recipe, "--config", "config.yaml", "--learning_rate=1e-3", "--dataset_name", "prompts.txt"]
     result = ok(run([PPO, *flags, "--report_to", "none", "--output_dir", "out"], tmp_path))
     training = run_config(tmp_path / "out")["training"]
@@ -301,9 +301,9 @@ def test_bad_policy_folders_and_datasets_are_named_before_loading(tmp_path):
         "extractor (processor_config.json or preprocessor_config.json), no tokenizer",
         ("--model_name_or_path", "lora-run"): "policy: 'lora-run' holds a LoRA adapter (adapter_config.json), not a "
         "full MusicGen. Start from its merged weights ('lora-run/merged'",
-        ("--dataset_name", "missing.jsonl"): "--dataset_name: the local path 'missing.jsonl' does not exist",
-        ("--dataset_name", "nobody/prompts"): "--dataset_name: 'nobody/prompts' is not a local path (working "
-        f"directory: {tmp_path}) and the dataset cannot be loaded from the Hub",
+        ("--dataset_name", "missing.jsonl"): "--dataset_name: there is no file or folder 'missing.jsonl' (working "
+        f"directory: {tmp_path})",
+        ("--dataset_name", "nobody/prompts"): "--dataset_name: could not read prompts from 'nobody/prompts'",
     }
     for flags, expected in cases.items():
         result = run([PPO, *flags, "--output_dir", "out"], tmp_path)
@@ -311,7 +311,7 @@ def test_bad_policy_folders_and_datasets_are_named_before_loading(tmp_path):
         assert expected in result.stderr, (flags, result.stderr[-2000:])
     (tmp_path / "prompts.jsonl").write_text(json.dumps({"text": "calm piano"}) + "\n")
     result = run([PPO, "--dataset_name", "prompts.jsonl", "--output_dir", "out"], tmp_path)
-    assert "--dataset_name 'prompts.jsonl' has no column 'prompt'; its columns are ['text']" in result.stderr
+    assert "--dataset_name: 'prompts.jsonl' has no 'prompt' column (columns: ['text'])" in result.stderr
     assert "--prompt_column" in result.stderr and not (tmp_path / "out").exists()
 
 

@@ -26,7 +26,7 @@ def test_evaluate_example_compares_two_tiny_policies(tmp_path):
     policy_b = save_tiny_musicgen(tmp_path / "b", seed=0)
     clap = save_tiny_clap(tmp_path / "clap")
     prompts = tmp_path / "prompts.txt"
-    prompts.write_text("bright shimmering bells\ndeep dark bass\n\nslow sad piano\n")
+    prompts.write_text("bright shimmering bells\ndeep dark bass\nslow sad piano\n")
     output_dir = tmp_path / "eval"
     result = run(
         "evaluate_musicrl.py",
@@ -86,7 +86,7 @@ def test_evaluate_example_reports_missing_and_broken_inputs_without_a_traceback(
         (["--policy_a", tmp_path / "missing"], f"error: policy_a: the local path '{tmp_path / 'missing'}' does not"),
         (["--policy_a", empty_folder], "error: policy_a: the folder"),
         (["--policy_b", tmp_path / "gone"], "error: policy_b: the local path"),
-        (["--prompts", tmp_path / "nope.txt"], f"error: there is no file or folder '{tmp_path / 'nope.txt'}'"),
+        (["--prompts", tmp_path / "nope.txt"], f"error: --prompts: there is no file or folder '{tmp_path}/nope.txt'"),
     ]
     for override, message in cases:
         flags = {"--policy_a": policy, "--policy_b": policy, "--prompts": prompts}

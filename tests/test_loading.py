@@ -101,9 +101,9 @@ def test_recipe_check_skips_the_tokenizer_of_an_audio_space_preference_model(tmp
     rm = save_tiny_music_reward(tmp_path / "rm", text_conditioned=True)
     recipe = REPO / "examples" / "recipes" / "musicrl_u.yaml"
     check_recipe_models(recipe, preference={"model": rm})  # the recipe's tokenizer (a Hub id) is not needed
-    with pytest.raises(ModelLoadingError, match="1 model\\(s\\) of musicrl_u") as error:
+    with pytest.raises(ModelLoadingError) as error:
         check_recipe_models(recipe, {"policy": "facebook/musicgen-small"}, preference={"model": rm})
-    assert "policy: 'facebook/musicgen-small'" in str(error.value)
+    assert str(error.value).startswith("policy: 'facebook/musicgen-small'")  # one problem: one line, no list
 
 
 def test_explicit_options_and_name_values():

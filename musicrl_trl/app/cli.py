@@ -63,16 +63,50 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     export = commands.add_parser("export", help="votes -> datasets folder (save_to_disk)")
-    export.add_argument("--db", required=True)
+    export.add_argument("--db", required=True, help="SQLite database of the votes (must exist)")
     export.add_argument("--pool", required=True, help="the pool whose clips were voted on")
     export.add_argument("--out", required=True, help="new folder for the dataset")
     export.add_argument("--push_to_hub", metavar="REPO", help="also push the dataset to this Hub repo")
     export.add_argument("--public", action="store_true", help="with --push_to_hub: a public repo (default private)")
 
     report = commands.add_parser("report", help="win/tie/loss, win rate and Wilcoxon p per system pair")
-    report.add_argument("--db", required=True)
+    report.add_argument("--db", required=True, help="SQLite database of the votes (must exist)")
     report.add_argument("--out", required=True, help="folder for report.json and report.md")
     return parser
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """Refuse what can be told wrong from the arguments alone, before anything is loaded, sampled or written
+    (``ValueError`` naming the flag, the problem and the fix)."""
+    import os
+
+    if args.command in ("export", "report") and not os.path.isfile(args.db):
+        # Opening a mistyped --db would create a new, empty database and report "0 votes" as if that were true.
+        raise ValueError(
+            f"--db: the database {args.db!r} does not exist (working directory: {os.getcwd()}); pass the --db that "
+            "`musicrl-app serve` collected the votes in (only serve and add-rater create one)."
+        )
+    if args.command in ("export", "serve") and not os.path.isdir(args.pool):
+        raise ValueError(
+            f"--pool: the folder {args.pool!r} does not exist (working directory: {os.getcwd()}); make one with "
+            "`musicrl-app make-pool ... --out DIR` and pass that DIR."
+        )
+    if args.command == "make-pool":
+        minimums = {"--clips_per_prompt": (args.clips_per_prompt, 1), "--batch_size": (args.batch_size, 1)}
+        minimums["--response_length"] = (args.response_length, 1)
+        minimums["--top_k"] = (args.top_k, 0)
+        minimums["--guidance_scale"] = (args.guidance_scale, 1)
+        for flag, (value, low) in minimums.items():
+            if value is not None and not value >= low:
+                raise ValueError(f"{flag} must be >= {low}, got {value}.")
+        for flag, value in (("--audio_duration_s", args.audio_duration_s), ("--temperature", args.temperature)):
+            if value is not None and not 0 < value < float("inf"):
+                raise ValueError(f"{flag} must be a number > 0, got {value}.")
+    if args.command == "serve":
+        if not 0 <= args.port <= 65535:
+            raise ValueError(f"--port must lie in 0..65535 (0 picks a free port), got {args.port}.")
+        if not 0 <= args.min_listen_fraction <= 1:
+            raise ValueError(f"--min_listen_fraction must lie in [0, 1], got {args.min_listen_fraction}.")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -80,6 +114,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     try:
+        check_arguments(args)
         if args.command == "make-pool":
             from .pool import make_pool, read_prompts
 
@@ -141,7 +176,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             pairs = len(report["comparisons"])
             print(f"{report['votes']} evaluation votes, {pairs} system pairs: {args.out}/report.md")
     except (ValueError, FileNotFoundError, FileExistsError, ModelLoadingError) as error:
-        print(f"musicrl-app {args.command}: {error}", file=sys.stderr)
+        print(f"error: musicrl-app {args.command}: {error}", file=sys.stderr)
         return 2
     return 0
 

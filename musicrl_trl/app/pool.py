@@ -3,7 +3,12 @@
 Each line of ``pool.jsonl`` is one clip::
 
     {"clip_id": "policy-3f9a1c2e-00000", "prompt": "calm solo piano", "file": "clips/policy-3f9a1c2e-00000.wav",
-     "system": "policy", "duration_s": 10.0, "sampling_rate": 32000}
+     "system": "policy", "duration_s": 10.0, "sampling_rate": 32000,
+     "codes": "clips/policy-3f9a1c2e-00000.codes.safetensors"}
+
+``codes`` (optional) holds the codec codes the policy sampled for the clip ([K, T], tensor ``codes`` in a safetensors
+file): the export carries them as ``chosen_codes`` / ``rejected_codes``, so that ``MusicDPOTrainer`` (and token-space
+reward models) train on the exact tokens that were voted on, not on a re-encoding of the decoded audio.
 
 ``file`` is relative to the pool folder. Loading checks every line once: the app serves clips by id, looked up in
 this table, and never joins a request's text into a path; a line whose file would resolve outside the folder (``..``,
@@ -42,6 +47,7 @@ class PoolClip:
     system: str  # which policy made it
     duration_s: float
     sampling_rate: int
+    codes: str | None = None  # the sampled codes [K, T] (safetensors), relative to the pool folder; None: unknown
 
 
 @dataclass
@@ -53,6 +59,14 @@ class Pool:
 
     def path_of(self, clip_id: str) -> Path:
         return self.root / self.clips[clip_id].file
+
+    def codes_of(self, clip_id: str):
+        """The codes [K, T] (LongTensor) the clip was sampled as, or ``None`` when the pool did not keep them."""
+        if self.clips[clip_id].codes is None:
+            return None
+        from safetensors.torch import load_file
+
+        return load_file(str(self.root / self.clips[clip_id].codes))["codes"]
 
     @property
     def systems(self) -> list[str]:
@@ -116,6 +130,19 @@ def load_pool(directory: str | os.PathLike) -> Pool:
                 raise ValueError(f"{where}: file {entry['file']!r} does not exist in {root}.")
             if path.suffix.lower() not in AUDIO_SUFFIXES:
                 raise ValueError(f"{where}: file {entry['file']!r} is not audio ({', '.join(AUDIO_SUFFIXES)}).")
+            codes = entry.get("codes")
+            if codes is not None:
+                codes_relative = Path(str(codes))
+                codes_path = (root / codes_relative).resolve()
+                inside = not codes_relative.is_absolute() and ".." not in codes_relative.parts
+                if not (inside and codes_path.is_relative_to(root) and codes_path.is_file()):
+                    raise ValueError(
+                        f"{where}: codes {codes!r} is not a file inside the pool folder {root}: keep the clip's codes "
+                        "beside it, or drop the 'codes' field."
+                    )
+                if codes_path.suffix != ".safetensors":
+                    raise ValueError(f"{where}: codes {codes!r} must be a .safetensors file (no pickles).")
+                codes = codes_relative.as_posix()
             info = sf.info(str(path))
             clips[clip_id] = PoolClip(
                 clip_id=clip_id,
@@ -124,6 +151,7 @@ def load_pool(directory: str | os.PathLike) -> Pool:
                 system=entry["system"],
                 duration_s=float(info.duration),
                 sampling_rate=int(info.samplerate),
+                codes=codes,
             )
     if not clips:
         raise ValueError(f"{index} lists no clips.")
@@ -131,23 +159,12 @@ def load_pool(directory: str | os.PathLike) -> Pool:
 
 
 def read_prompts(path: str | os.PathLike) -> list[str]:
-    """Prompts from a text file (one per line; blank lines and lines starting with '#' are skipped) or from a
-    ``.jsonl`` file with a ``prompt`` field per line."""
-    prompts = []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            text = line.strip()
-            if not text or (text.startswith("#") and not str(path).endswith(".jsonl")):
-                continue
-            if str(path).endswith(".jsonl"):
-                value = json.loads(text).get("prompt")
-                if not isinstance(value, str) or not value.strip():
-                    raise ValueError(f"{path}, line {number}: no non-empty 'prompt' field.")
-                text = value.strip()
-            prompts.append(text)
-    if not prompts:
-        raise ValueError(f"{path} holds no prompts: write one prompt per line.")
-    return prompts
+    """Prompts for ``--prompts``: :func:`musicrl_trl.loading.load_prompts`, the loader the scripts and the evaluation
+    use too (a text file with one prompt a line, a ``.jsonl``/``.csv``/... file or dataset with a ``prompt`` column;
+    blank lines and empty rows refused with their number)."""
+    from ..loading import load_prompts
+
+    return load_prompts(path, what="--prompts")
 
 
 def _system_name(policy: str) -> str:
@@ -155,7 +172,10 @@ def _system_name(policy: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-.") or "policy"
 
 
-_POLICY_HINT = "Pass --{flag} a MusicGen checkpoint: a folder saved with save_pretrained, or a Hub id."
+_POLICY_HINT = (
+    "Pass --{flag} a MusicGen checkpoint: a folder saved with save_pretrained (a full model or a LoRA adapter), or a "
+    "Hub id."
+)
 
 
 def make_pool(
@@ -188,10 +208,11 @@ def make_pool(
     anything is written.
     """
     import torch
-    from transformers import MusicgenForConditionalGeneration, MusicgenProcessor
+    from safetensors.torch import save_file
 
     from ..audio import save_audio
-    from ..loading import ModelLoadingError, load_pretrained, resolve_pretrained
+    from ..evaluation.loading import load_policy
+    from ..loading import check_model_folder
     from ..rollout import SamplingConfig, generate_rollout
 
     if not 1 <= len(policies) <= 2:
@@ -210,27 +231,18 @@ def make_pool(
     root = Path(out)
     if (root / POOL_FILE).exists():
         raise FileExistsError(f"{root / POOL_FILE} exists: make each pool in a new folder.")
-    # Every policy is checked before anything is written or sampled: a missing path, corrupt weights or an offline
-    # Hub id fail with musicrl_trl.loading's messages, and a folder without config.json (which from_pretrained
-    # reports as missing weights, or loads with a default config) says so.
+    # Every policy is checked before anything is written or sampled, by the check the training script and the
+    # evaluation use (musicrl_trl.loading.check_model_folder): a missing path, corrupt weights, an offline Hub id, a
+    # folder without config.json or processor. A LoRA adapter is loaded on its base model, as in the evaluation.
     flags = ["policy", "policy_b"]
     for policy, flag in zip(policies, flags):
-        hint = _POLICY_HINT.format(flag=flag)
-        source = resolve_pretrained(policy, flag, hint)
-        if os.path.isdir(source) and not os.path.isfile(os.path.join(source, "config.json")):
-            raise ModelLoadingError(
-                f"{flag}: the folder {policy!r} holds no config.json, so it is not a saved model (an interrupted "
-                f"save, or the wrong folder?). {hint}"
-            )
+        check_model_folder(policy, "policy", flag, _POLICY_HINT.format(flag=flag), adapters=True)
     (root / "clips").mkdir(parents=True, exist_ok=True)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
 
     lines = []
-    for policy, system, flag in zip(policies, systems, flags):
-        hint = _POLICY_HINT.format(flag=flag)
-        model = load_pretrained(MusicgenForConditionalGeneration.from_pretrained, policy, flag, hint)
-        model = model.to(device).eval()
-        processor = load_pretrained(MusicgenProcessor.from_pretrained, policy, flag, hint)
+    for policy, system in zip(policies, systems):
+        model, processor = load_policy(policy, device=device)  # full models and LoRA adapters alike
         config = model.generation_config
         sampling = SamplingConfig(
             guidance_scale=guidance_scale if guidance_scale is not None else (config.guidance_scale or 1.0),
@@ -249,6 +261,9 @@ def make_pool(
                 clip_id = f"{_system_name(system)[:64]}-{tag}-{start + offset:05d}"
                 file = f"clips/{clip_id}.wav"
                 save_audio(root / file, rollout.audio[offset].clamp(-1, 1), rollout.sampling_rate, subtype="PCM_16")
+                # The exact tokens behind the audio: votes on this clip can train a policy on them (MusicDPOTrainer).
+                codes = f"clips/{clip_id}.codes.safetensors"
+                save_file({"codes": rollout.codes[offset].cpu().contiguous()}, str(root / codes))
                 clip = PoolClip(
                     clip_id=clip_id,
                     prompt=prompt,
@@ -256,6 +271,7 @@ def make_pool(
                     system=system,
                     duration_s=rollout.audio.shape[-1] / rollout.sampling_rate,
                     sampling_rate=rollout.sampling_rate,
+                    codes=codes,
                 )
                 lines.append({**asdict(clip), "policy": policy})
         del model

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from .. import codebooks
-from ..loading import ModelLoadingError, resolve_pretrained
+from ..loading import ModelLoadingError, check_model_folder
 from ..rollout import SamplingConfig, generate_rollout, resolve_num_steps, unwrap_musicgen
 from .diversity import LogMelEmbedding, RewardModelEmbedding, diversity
 from .drift import entropy_per_codebook, kl_per_clip
@@ -290,9 +290,10 @@ def evaluate_policies(
 def check_policy_source(source: Any, what: str) -> None:
     """Raise ``ValueError`` (a :class:`~musicrl_trl.loading.ModelLoadingError` as its cause) naming ``what``, the
     problem and the fix when the policy path or Hub id ``source`` cannot be loaded: a missing path, a file, corrupt
-    safetensors, a Hub id that is offline and not cached or unknown (:func:`~musicrl_trl.loading.resolve_pretrained`),
-    or a folder that holds no saved model (neither ``config.json`` nor a LoRA ``adapter_config.json``). Fast: nothing
-    is loaded. Models passed as objects and ``None`` pass."""
+    safetensors, a Hub id that is offline and not cached or unknown, a folder that holds no saved model (neither
+    ``config.json`` nor a LoRA ``adapter_config.json``) or no processor
+    (:func:`~musicrl_trl.loading.check_model_folder`). Fast: nothing is loaded. Models passed as objects and ``None``
+    pass."""
     if not isinstance(source, (str, os.PathLike)):
         return
     hint = (
@@ -300,16 +301,9 @@ def check_policy_source(source: Any, what: str) -> None:
         "MusicPPOTrainer."
     )
     try:
-        resolved = resolve_pretrained(source, what, hint)
-        # resolve_pretrained only checks that the path exists; a folder without a config (an interrupted save, the
-        # wrong folder) would reach from_pretrained, which fails with unrelated shape-mismatch or missing-file errors.
-        if os.path.isdir(resolved) and not any(
-            os.path.isfile(os.path.join(resolved, name)) for name in ("config.json", "adapter_config.json")
-        ):
-            raise ModelLoadingError(
-                f"{what}: the folder {os.fspath(source)!r} holds neither config.json nor adapter_config.json, so it "
-                f"is not a saved model (an interrupted save, or the wrong folder?). {hint}"
-            )
+        # The same check, by role, as the training script's and the app's (musicrl_trl.loading.check_model_folder);
+        # an adapter is fine here: load_policy puts it on its base model.
+        check_model_folder(source, "policy", what, hint, adapters=True)
     except ModelLoadingError as error:
         raise ValueError(str(error)) from error
 

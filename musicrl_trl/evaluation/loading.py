@@ -10,7 +10,8 @@ from typing import Any
 
 import torch
 
-from ..loading import check_no_pickle_only_weights, is_local_path, load_pretrained
+from ..loading import check_no_pickle_only_weights, load_pretrained
+from ..loading import load_prompts as load_shared_prompts
 from ..reward_models import (
     BrightnessReward,
     LoudnessReward,
@@ -72,103 +73,11 @@ def load_reward(
         ) from error
 
 
-#: Data-file extensions read with ``datasets`` (and the builder that reads them); any other file is one prompt a line.
-DATA_FILE_BUILDERS = {"json": "json", "jsonl": "json", "csv": "csv", "parquet": "parquet", "arrow": "arrow"}
-PROMPT_SOURCES = (
-    "a text file with one prompt a line, a dataset folder saved with save_to_disk, a .json/.jsonl/.csv/.parquet/"
-    ".arrow file, or a Hub dataset id"
-)
-
-
 def load_prompts(source: Any, split: str = "train", column: str = "prompt") -> list[str]:
-    """Prompts from a text file (any existing file that is not a data file: one prompt a line, blank lines skipped),
-    a dataset saved with ``save_to_disk``, a data file (.json/.jsonl/.csv/.parquet/.arrow, any case), a Hub dataset
-    id, a ``datasets.Dataset``, or a list of strings.
-
-    Raises ``ValueError`` naming the source, the problem and the fix when no prompt is left, the ``column`` or
-    ``split`` is missing, the path does not exist, or ``datasets`` cannot read it (offline and not cached, no such
-    dataset, a malformed file: the cause attached).
-    """
-    if isinstance(source, (list, tuple)):
-        prompts = [str(prompt) for prompt in source if str(prompt).strip()]
-        origin = "the prompt list"
-    elif hasattr(source, "column_names"):  # a datasets.Dataset already loaded
-        if column not in source.column_names:
-            raise ValueError(f"the dataset has no {column!r} column (columns: {source.column_names}).")
-        prompts = [str(prompt).strip() for prompt in source[column] if str(prompt).strip()]
-        origin = "the dataset"
-    elif isinstance(source, (str, os.PathLike)):
-        source = os.fspath(source)
-        extension = os.path.splitext(source)[1].lstrip(".").lower()
-        if os.path.isfile(source) and extension not in DATA_FILE_BUILDERS:
-            try:
-                with open(source, encoding="utf-8") as f:
-                    prompts = [line.strip() for line in f if line.strip()]
-            except UnicodeDecodeError as error:
-                raise ValueError(
-                    f"the prompt file {source!r} is not UTF-8 text ({error}): save it as UTF-8, one prompt a line."
-                ) from error
-        else:
-            prompts = _prompts_from_dataset(source, extension, split, column)
-        origin = source
-    else:
-        raise ValueError(
-            f"prompts must be {PROMPT_SOURCES}, a datasets.Dataset or a list; got {type(source).__name__}."
-        )
-    if not prompts:
-        raise ValueError(f"no prompts in {origin}: give at least one non-empty prompt.")
-    return prompts
-
-
-def _prompts_from_dataset(source: str, extension: str, split: str, column: str) -> list[str]:
-    import datasets
-    from huggingface_hub import constants
-
-    exists = os.path.exists(source)
-    if not exists and (is_local_path(source) or extension in (*DATA_FILE_BUILDERS, "txt")):
-        raise ValueError(
-            f"there is no file or folder {source!r} (working directory: {os.getcwd()}): pass {PROMPT_SOURCES}."
-        )
-    try:
-        if os.path.isdir(source) and os.path.isfile(os.path.join(source, "state.json")):
-            dataset = datasets.load_from_disk(source)
-        elif os.path.isfile(source):
-            dataset = datasets.load_dataset(DATA_FILE_BUILDERS[extension], data_files=source, split="train")
-        else:
-            dataset = datasets.load_dataset(source, split=split)
-    except ValueError as error:
-        if "split" in str(error).lower():  # datasets: 'Unknown split "test". Should be one of ['train'].'
-            raise ValueError(f"{source!r} has no split {split!r} ({error}); pick one with --dataset_split.") from error
-        raise _unreadable_prompts(source, exists, constants.HF_HUB_OFFLINE, error) from error
-    except Exception as error:  # offline, no such dataset, a malformed file: all reported the same way, cause attached
-        raise _unreadable_prompts(source, exists, constants.HF_HUB_OFFLINE, error) from error
-    if isinstance(dataset, datasets.DatasetDict):
-        if split not in dataset:
-            raise ValueError(f"{source!r} has no split {split!r} (splits: {list(dataset)}).")
-        dataset = dataset[split]
-    if column not in dataset.column_names:
-        raise ValueError(
-            f"{source!r} has no {column!r} column (columns: {dataset.column_names}); name the text column with "
-            "--prompt_column."
-        )
-    return [str(prompt).strip() for prompt in dataset[column] if str(prompt).strip()]
-
-
-def _unreadable_prompts(source: str, exists: bool, offline: bool, error: Exception) -> ValueError:
-    cause = f"{type(error).__name__}: {error}"
-    if exists:
-        fix = f"check that it is {PROMPT_SOURCES}"
-    elif offline:
-        fix = (
-            "it is not a local file or folder and HF_HUB_OFFLINE=1 forbids downloading it: unset HF_HUB_OFFLINE to "
-            "read it from the Hub, or pass a local text file with one prompt a line"
-        )
-    else:
-        fix = (
-            f"it is not a local file or folder (working directory: {os.getcwd()}) and could not be read as a Hub "
-            f"dataset id: check the id and your connection, or pass {PROMPT_SOURCES}"
-        )
-    return ValueError(f"could not read prompts from {source!r} ({cause}): {fix}.")
+    """Prompts to evaluate on: :func:`musicrl_trl.loading.load_prompts` (the one loader the scripts, the trainer and
+    the app share: text file, data file, dataset folder, Hub id, ``Dataset`` or list; blank lines and empty rows are
+    refused with their number)."""
+    return load_shared_prompts(source, split=split, column=column, what="--prompts")
 
 
 def load_policy(

@@ -359,6 +359,8 @@ def check_recipe_models(
             resolved[role] = resolve_pretrained(source, role, hint(source, original))
         except ModelLoadingError as error:
             problems.append(str(error))
+    if len(problems) == 1:
+        raise ModelLoadingError(problems[0])  # one line: the model, the problem, the fix
     if problems:
         recipe_name = recipe.get("name", "the recipe")
         raise ModelLoadingError(

@@ -177,7 +177,8 @@ def find_resumable_checkpoint(output_dir: str, log: bool = True, **requirements)
                     "; ".join(f"{os.path.basename(p)} ({', '.join(why)})" for p, why in skipped),
                 )
             elif log:
-                logger.info("Resuming from %s.", path)
+                # WARNING, not INFO: the default level hides INFO, and a user must see which checkpoint was taken.
+                logger.warning("Resuming from %s.", path)
             return path
         skipped.append((path, problems))
     if not skipped:
@@ -326,7 +327,10 @@ class CrashSafeCheckpointsMixin:
             return find_resumable_checkpoint(
                 self.args.output_dir, log=self.accelerator.is_main_process, **requirements
             )
-        return check_resumable(str(resume_from_checkpoint), **requirements)
+        path = check_resumable(str(resume_from_checkpoint), **requirements)
+        if self.accelerator.is_main_process:
+            logger.warning("Resuming from %s.", path)  # at WARNING, as above: visible at the default level
+        return path
 
     def _save_checkpoint_extras(self, checkpoint_dir: str) -> None:
         """Write files of the subclass's own into the staged ``checkpoint_dir`` (every process calls it)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from transformers import TrainingArguments
 
 __all__ = ["AudioRewardConfig"]
@@ -200,6 +201,9 @@ class AudioRewardConfig(TrainingArguments):
 
     def __post_init__(self):
         super().__post_init__()
+        if self.dataloader_pin_memory and not torch.cuda.is_available():
+            # Pinned memory only speeds up copies to a GPU; without one torch warns on every epoch that it is unused.
+            self.dataloader_pin_memory = False
         if self.mode is not None and self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES} or None (infer from the columns), got {self.mode!r}.")
         if self.tie_loss not in TIE_LOSSES:

@@ -16,7 +16,8 @@ deterministic (no random crops), resampled once to CLAP's rate.
 _KWARGS_DESCRIPTION = """\
 Args:
     prompts: the text prompt of every clip.
-    audio: every clip as a list of float samples in [-1, 1] (mono).
+    audio: the clips as the rewards take them: a tensor or array [B, C, N] or [B, N], or a list of 1-D clips (lists
+        or arrays of float samples in [-1, 1]; clips may differ in length). Channels are averaged to mono.
     sampling_rate: the clips' sampling rate in Hz (32000 for MusicGen).
     model_name_or_path: CLAP checkpoint, Hub id or local path (default "laion/larger_clap_music").
     window_s: window length in seconds (default 10, MusicRL's).
@@ -37,6 +38,32 @@ _CITATION = """\
 """
 
 
+def _mono_clips(audio):
+    """[B, C, N] or [B, N] (tensor or array), or a list of clips, as a list of 1-D float32 numpy arrays."""
+    import numpy as np
+
+    if audio is None:
+        return None
+    if isinstance(audio, torch.Tensor):
+        audio = audio.detach().float().cpu().numpy()
+    if isinstance(audio, np.ndarray):
+        if audio.ndim not in (2, 3):
+            raise ValueError(
+                f"audio: expected a [B, C, N] or [B, N] batch of clips, got an array of shape {tuple(audio.shape)}; "
+                "wrap a single clip as [clip]."
+            )
+        audio = list(audio)
+    clips = []
+    for index, clip in enumerate(audio):
+        clip = clip.detach().float().cpu().numpy() if isinstance(clip, torch.Tensor) else np.asarray(clip, "float32")
+        if clip.ndim == 2:
+            clip = clip.mean(axis=0)  # [C, N] -> mono
+        if clip.ndim != 1:
+            raise ValueError(f"audio: clip {index} has shape {clip.shape}; give each clip as [N] or [C, N] samples.")
+        clips.append(clip.astype("float32"))
+    return clips
+
+
 @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
 class ClapScore(evaluate.Metric):
     def _info(self):
@@ -49,6 +76,12 @@ class ClapScore(evaluate.Metric):
             ),
             reference_urls=["https://huggingface.co/laion/larger_clap_music"],
         )
+
+    def compute(self, *, prompts=None, audio=None, **kwargs):
+        """``evaluate.Metric.compute`` with ``audio`` in the reward convention (see the module's inputs)."""
+        # evaluate checks inputs against `features` (one 1-D float sequence per clip) before `_compute` sees them,
+        # and refuses a [B, C, N] tensor with "Module inputs don't match the expected format": convert first.
+        return super().compute(prompts=prompts, audio=_mono_clips(audio), **kwargs)
 
     def _compute(self, prompts, audio, sampling_rate, model_name_or_path="laion/larger_clap_music", window_s=10.0):
         from musicrl_trl.reward_models import TextAdherenceReward
