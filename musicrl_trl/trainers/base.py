@@ -34,6 +34,7 @@ from ..rollout import unwrap_musicgen
 
 __all__ = [
     "AdapterDisabledView",
+    "load_policy_and_anchor",
     "OnlineMusicTrainer",
     "OnlineTrainerState",
     "masked_mean",
@@ -69,6 +70,32 @@ class OnlineTrainerState(TrainerState):
 
     episode: int = 0
     kl_coef: float | None = None  # the KL coefficient in force (it moves with MusicPPOConfig.kl_target)
+
+
+def load_policy_and_anchor(
+    model, ref_model, processing_class, allow_pickle_weights: bool = False, anchor_role: str = "KL anchor"
+) -> tuple[nn.Module, nn.Module | None, object]:
+    """``model`` and ``ref_model`` as MusicGen models (ids and paths are loaded, safetensors only unless
+    ``allow_pickle_weights``) and the processor (loaded from ``model`` when it is an id or path)."""
+    from transformers import MusicgenForConditionalGeneration, MusicgenProcessor
+
+    from ..loading import load_pretrained
+
+    pickles = allow_pickle_weights
+    if isinstance(model, str):
+        processing_class = processing_class or load_pretrained(
+            MusicgenProcessor.from_pretrained, model, "policy", allow_pickle_weights=pickles
+        )
+        model = load_pretrained(
+            MusicgenForConditionalGeneration.from_pretrained, model, "policy", allow_pickle_weights=pickles
+        )
+    if isinstance(ref_model, str):
+        ref_model = load_pretrained(
+            MusicgenForConditionalGeneration.from_pretrained, ref_model, anchor_role, allow_pickle_weights=pickles
+        )
+    if processing_class is None:
+        raise ValueError("processing_class is required: pass the model's MusicgenProcessor.")
+    return model, ref_model, processing_class
 
 
 # ------------------------------------------------------------------------------------------------ masked statistics

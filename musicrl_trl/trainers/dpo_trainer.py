@@ -35,10 +35,9 @@ from transformers import (
 )
 
 from .. import codebooks, hub
-from ..loading import load_pretrained
 from ..quantization import check_quantization_supported, is_quantized, prepare_quantized_model
 from ..rollout import SamplingConfig, generate_rollout, unwrap_musicgen
-from .base import AdapterDisabledView, OnlineMusicTrainer, zero_dropout
+from .base import AdapterDisabledView, OnlineMusicTrainer, load_policy_and_anchor, zero_dropout
 from .checkpointing import CrashSafeCheckpointsMixin
 from .dpo_config import MusicDPOConfig
 from .dpo_data import PAIR_COLUMNS, DataCollatorForMusicDPO, prepare_pairs
@@ -105,20 +104,9 @@ class MusicDPOTrainer(PolicyPublishingMixin, CrashSafeCheckpointsMixin, Trainer)
         if not isinstance(args, MusicDPOConfig):
             raise TypeError(f"args must be a MusicDPOConfig, got {type(args).__name__}.")
         self._capture_hub_sources(model, ref_model)  # before a path is loaded or a temporary folder disappears
-        pickles = args.allow_pickle_weights
-        if isinstance(model, str):
-            processing_class = processing_class or load_pretrained(
-                MusicgenProcessor.from_pretrained, model, "policy", allow_pickle_weights=pickles
-            )
-            model = load_pretrained(
-                MusicgenForConditionalGeneration.from_pretrained, model, "policy", allow_pickle_weights=pickles
-            )
-        if isinstance(ref_model, str):
-            ref_model = load_pretrained(
-                MusicgenForConditionalGeneration.from_pretrained, ref_model, "reference", allow_pickle_weights=pickles
-            )
-        if processing_class is None:
-            raise ValueError("processing_class is required: pass the model's MusicgenProcessor.")
+        model, ref_model, processing_class = load_policy_and_anchor(
+            model, ref_model, processing_class, args.allow_pickle_weights, anchor_role="reference"
+        )
         if train_dataset is None:
             raise ValueError("train_dataset is required: preference pairs (prompt, chosen, rejected).")
         self._check_quantization(model, ref_model, peft_config)

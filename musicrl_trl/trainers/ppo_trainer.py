@@ -58,7 +58,6 @@ from transformers.trainer_callback import ProgressCallback
 from trl.models.utils import unwrap_model_for_generation
 
 from .. import codebooks, hub
-from ..loading import load_pretrained
 from ..quantization import check_quantization_supported, is_quantized, prepare_quantized_model
 from ..rollout import (
     MusicRollout,
@@ -70,7 +69,14 @@ from ..rollout import (
     unwrap_musicgen,
 )
 from .advantages import gae, group_advantages
-from .base import AdapterDisabledView, OnlineMusicTrainer, OnlineTrainerState, masked_whiten, zero_dropout
+from .base import (
+    AdapterDisabledView,
+    OnlineMusicTrainer,
+    OnlineTrainerState,
+    load_policy_and_anchor,
+    masked_whiten,
+    zero_dropout,
+)
 from .checkpointing import CrashSafeCheckpointsMixin
 from .ppo_config import MusicPPOConfig
 from .ppo_loss import PPOLossConfig, PPOMicroBatch, ppo_loss
@@ -164,20 +170,9 @@ class MusicPPOTrainer(PolicyPublishingMixin, CrashSafeCheckpointsMixin, OnlineMu
         if not isinstance(args, MusicPPOConfig):
             raise TypeError(f"args must be a MusicPPOConfig, got {type(args).__name__}.")
         self._capture_hub_sources(model, ref_model)  # before a path is loaded or a temporary folder disappears
-        pickles = args.allow_pickle_weights
-        if isinstance(model, str):
-            processing_class = processing_class or load_pretrained(
-                MusicgenProcessor.from_pretrained, model, "policy", allow_pickle_weights=pickles
-            )
-            model = load_pretrained(
-                MusicgenForConditionalGeneration.from_pretrained, model, "policy", allow_pickle_weights=pickles
-            )
-        if isinstance(ref_model, str):
-            ref_model = load_pretrained(
-                MusicgenForConditionalGeneration.from_pretrained, ref_model, "KL anchor", allow_pickle_weights=pickles
-            )
-        if processing_class is None:
-            raise ValueError("processing_class is required: pass the model's MusicgenProcessor.")
+        model, ref_model, processing_class = load_policy_and_anchor(
+            model, ref_model, processing_class, args.allow_pickle_weights, anchor_role="KL anchor"
+        )
         self._check_dataset(train_dataset, "train_dataset")
         if eval_dataset is not None:
             self._check_dataset(eval_dataset, "eval_dataset")
