@@ -35,6 +35,7 @@ from ..rollout import unwrap_musicgen
 __all__ = [
     "AdapterDisabledView",
     "load_policy_and_anchor",
+    "prepare_models_for_training",
     "OnlineMusicTrainer",
     "OnlineTrainerState",
     "masked_mean",
@@ -96,6 +97,32 @@ def load_policy_and_anchor(
     if processing_class is None:
         raise ValueError("processing_class is required: pass the model's MusicgenProcessor.")
     return model, ref_model, processing_class
+
+
+def prepare_models_for_training(model, ref_model, peft_config, device, train_text_encoder: bool) -> None:
+    """What every trainer of a MusicGen policy does to its models before wrapping them: quantized (4/8-bit) models
+    checked for this device and given bitsandbytes' CPU fixes (``musicrl_trl.quantization``), a quantized policy
+    refused without LoRA, dropout zeroed (train-mode logits must equal the eval-mode ones of rollouts and of the
+    anchor), the codec frozen (it decodes or encodes codes, never differentiated) and the text encoder frozen
+    unless ``train_text_encoder``."""
+    from ..quantization import check_quantization_supported, is_quantized, prepare_quantized_model
+
+    for name, module in (("model", model), ("ref_model", ref_model)):
+        if module is None:
+            continue
+        if is_quantized(module):
+            check_quantization_supported(device)
+            prepare_quantized_model(module)
+            if name == "model" and peft_config is None and not hasattr(module, "peft_config"):
+                raise ValueError(
+                    "the policy is quantized (4/8-bit): its quantized weights cannot be trained directly. Pass a "
+                    "peft_config (LoRA, e.g. --use_peft) to train adapters on top (QLoRA), or load it in full "
+                    "precision."
+                )
+        zero_dropout(module)
+    if not train_text_encoder:
+        model.text_encoder.requires_grad_(False)
+    model.audio_encoder.requires_grad_(False)
 
 
 # ------------------------------------------------------------------------------------------------ masked statistics

@@ -35,9 +35,8 @@ from transformers import (
 )
 
 from .. import codebooks, hub
-from ..quantization import check_quantization_supported, is_quantized, prepare_quantized_model
 from ..rollout import SamplingConfig, generate_rollout, unwrap_musicgen
-from .base import AdapterDisabledView, OnlineMusicTrainer, load_policy_and_anchor, zero_dropout
+from .base import AdapterDisabledView, OnlineMusicTrainer, load_policy_and_anchor, prepare_models_for_training
 from .checkpointing import CrashSafeCheckpointsMixin
 from .dpo_config import MusicDPOConfig
 from .dpo_data import PAIR_COLUMNS, DataCollatorForMusicDPO, prepare_pairs
@@ -109,14 +108,7 @@ class MusicDPOTrainer(PolicyPublishingMixin, CrashSafeCheckpointsMixin, Trainer)
         )
         if train_dataset is None:
             raise ValueError("train_dataset is required: preference pairs (prompt, chosen, rejected).")
-        self._check_quantization(model, ref_model, peft_config)
-        for module in (model, ref_model):
-            if module is not None:
-                # Train-mode logits must equal the eval-mode ones the reference is scored with.
-                zero_dropout(module)
-        if not args.train_text_encoder:
-            model.text_encoder.requires_grad_(False)
-        model.audio_encoder.requires_grad_(False)  # the codec encodes the data; it is never differentiated
+        prepare_models_for_training(model, ref_model, peft_config, model.device, args.train_text_encoder)
 
         musicgen = unwrap_musicgen(model)
         self.audio_channels = musicgen.decoder.config.audio_channels
@@ -191,20 +183,6 @@ class MusicDPOTrainer(PolicyPublishingMixin, CrashSafeCheckpointsMixin, Trainer)
         self._remove_stale_checkpoint_staging()
 
     # ------------------------------------------------------------------ set-up
-    @staticmethod
-    def _check_quantization(model, ref_model, peft_config) -> None:
-        for name, module in (("model", model), ("ref_model", ref_model)):
-            if module is None or not is_quantized(module):
-                continue
-            check_quantization_supported(module.device)
-            prepare_quantized_model(module)
-            if name == "model" and peft_config is None and not hasattr(module, "peft_config"):
-                raise ValueError(
-                    "the policy is quantized (4/8-bit): its quantized weights cannot be trained directly. Pass a "
-                    "peft_config (LoRA, e.g. --use_peft) to train adapters on top (QLoRA), or load it in full "
-                    "precision."
-                )
-
     @staticmethod
     def _prepare_eval(dataset, model, args: MusicDPOConfig) -> tuple[Dataset, list[str]]:
         """Eval pairs (read like the training pairs) or prompts only; and the eval prompts, each once."""
@@ -475,17 +453,12 @@ class MusicDPOTrainer(PolicyPublishingMixin, CrashSafeCheckpointsMixin, Trainer)
         """Write the DPO card (``hub_cards/dpo_card.md.jinja``: DPO, beta, the data, the reference, metrics, licence)
         to ``output_dir/README.md``; returns the licence resolution. Other ``Trainer.create_model_card`` arguments
         are ignored."""
-        if not self.is_world_process_zero():
-            return None
-        output_dir = output_dir or self.args.output_dir
-        os.makedirs(output_dir, exist_ok=True)
-        resolution = self.license_resolution(license or self.args.hub_license)
-        card = hub.render_dpo_card(
-            self, layout or self._card_layout(), resolution, repo_id=repo_id or self.args.hub_model_id,
-            output_dir=output_dir, dataset_name=dataset_name or self.args.hub_dataset_name,
-            tags=[tags] if isinstance(tags, str) else (tags or []),
+        return self._write_card(
+            output_dir, license,
+            lambda output_dir, resolution: hub.render_dpo_card(
+                self, layout or self._card_layout(), resolution, repo_id=repo_id or self.args.hub_model_id,
+                output_dir=output_dir, dataset_name=dataset_name or self.args.hub_dataset_name,
+                tags=[tags] if isinstance(tags, str) else (tags or []),
+            ),
         )
-        with open(os.path.join(output_dir, hub.CARD_NAME), "w", encoding="utf-8") as handle:
-            handle.write(card)
-        return resolution
 

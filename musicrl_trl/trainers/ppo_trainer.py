@@ -58,7 +58,6 @@ from transformers.trainer_callback import ProgressCallback
 from trl.models.utils import unwrap_model_for_generation
 
 from .. import codebooks, hub
-from ..quantization import check_quantization_supported, is_quantized, prepare_quantized_model
 from ..rollout import (
     MusicRollout,
     SamplingConfig,
@@ -75,6 +74,7 @@ from .base import (
     OnlineTrainerState,
     load_policy_and_anchor,
     masked_whiten,
+    prepare_models_for_training,
     zero_dropout,
 )
 from .checkpointing import CrashSafeCheckpointsMixin
@@ -187,13 +187,8 @@ class MusicPPOTrainer(PolicyPublishingMixin, CrashSafeCheckpointsMixin, OnlineMu
         # anchor, and the exact KL (and its gradient, in the loss) is infinite. Ratios use the cut distribution.
         self.kl_sampling = dataclasses.replace(self.sampling, top_k=0)
         self.loss_config = PPOLossConfig.from_args(args)
-        self._check_precision_and_quantization(args, model, ref_model, peft_config)
-        for module in (model, ref_model):
-            if module is not None:
-                zero_dropout(module)
-        if not args.train_text_encoder:
-            model.text_encoder.requires_grad_(False)
-        model.audio_encoder.requires_grad_(False)  # the codec decodes sampled codes; it is never differentiated
+        self._check_precision(args)
+        prepare_models_for_training(model, ref_model, peft_config, args.device, args.train_text_encoder)
         if args.baseline != "value":
             if value_model is not None:
                 raise ValueError(
@@ -261,9 +256,8 @@ class MusicPPOTrainer(PolicyPublishingMixin, CrashSafeCheckpointsMixin, OnlineMu
 
     # ------------------------------------------------------------------ checks
     @staticmethod
-    def _check_precision_and_quantization(args: MusicPPOConfig, model, ref_model, peft_config) -> None:
-        """Clear errors for precision and quantization settings this device cannot run (never a silently ignored
-        flag), and the CPU fixes bitsandbytes' 4-bit layers need (``musicrl_trl.quantization``)."""
+    def _check_precision(args: MusicPPOConfig) -> None:
+        """A clear error for a precision this device cannot run (never a silently ignored flag)."""
         from accelerate.state import AcceleratorState, PartialState
 
         device = args.device
@@ -277,17 +271,6 @@ class MusicPPOTrainer(PolicyPublishingMixin, CrashSafeCheckpointsMixin, OnlineMu
             # accelerate's precision is process-wide and fixed by the first Accelerator; a second trainer in the same
             # process (a notebook, a test, a benchmark) that asks for another precision gets a fresh state.
             AcceleratorState._reset_state()
-        for name, module in (("model", model), ("ref_model", ref_model)):
-            if module is None or not is_quantized(module):
-                continue
-            check_quantization_supported(device)
-            prepare_quantized_model(module)
-            if name == "model" and peft_config is None and not hasattr(module, "peft_config"):
-                raise ValueError(
-                    "the policy is quantized (4/8-bit): its quantized weights cannot be trained directly. Pass a "
-                    "peft_config (LoRA, e.g. --use_peft) to train adapters on top (QLoRA), or load it in full "
-                    "precision."
-                )
 
     def _enable_gradient_checkpointing(self) -> None:
         """Recompute decoder (and text-encoder) activations in the backward pass, on the policy and on a separate

@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -37,6 +38,21 @@ class HubPublishingMixin:
         self.hub_base_model = hub.model_source(model)
         self.hub_anchor_model = hub.model_source(ref_model) if ref_model is not None else self.hub_base_model
         self.hub_command = hub.launch_command()
+
+    def _write_card(
+        self, output_dir: str | None, license: str | None, render: Callable[[str, Any], str]
+    ) -> hub.LicenseResolution | None:
+        """On the main process: resolve the licence (``license``, else ``args.hub_license``, else the ingredients'),
+        render the card with ``render(output_dir, resolution)`` and write it to ``output_dir/README.md`` (default
+        ``args.output_dir``). Returns the licence resolution (None on other processes)."""
+        if not self.is_world_process_zero():
+            return None
+        output_dir = output_dir or self.args.output_dir
+        os.makedirs(output_dir, exist_ok=True)
+        resolution = self.license_resolution(license or self.args.hub_license)
+        with open(os.path.join(output_dir, hub.CARD_NAME), "w", encoding="utf-8") as handle:
+            handle.write(render(output_dir, resolution))
+        return resolution
 
     def _prepare_push(self, revision: str | None, options: dict[str, Any]) -> tuple[dict[str, str], Any]:
         """Write what a push needs besides the saved model (card, merged weights...) and return the files to upload
@@ -167,24 +183,20 @@ class PolicyPublishingMixin(HubPublishingMixin):
         """Write the policy card (``hub_cards/policy_card.md.jinja``) to ``output_dir/README.md``, with audio samples
         of the current policy (``samples/after_*.wav``) and the training curves. Replaces TRL's text-generation card;
         TRL calls it before every checkpoint, whose folder then gets a copy. Returns the licence resolution."""
-        if not self.is_world_process_zero():
-            return None
-        output_dir = output_dir or self.args.output_dir
-        os.makedirs(output_dir, exist_ok=True)
-        if not sample_url_prefix and self.args.push_to_hub and self.hub_model_id:
-            sample_url_prefix = hub.resolve_url_prefix(self.hub_model_id, self.args.hub_revision)
-        hub.write_policy_samples(self, output_dir, "after")
-        if self.args.plot_training_curves and self.state.log_history:
-            self.write_training_curves(output_dir)
-        resolution = self.license_resolution(license or self.args.hub_license)
-        card = hub.render_policy_card(
-            self, layout or self._card_layout(), resolution,
-            repo_id=repo_id or self.args.hub_model_id, output_dir=output_dir, dataset_name=dataset_name,
-            sample_url_prefix=sample_url_prefix, tags=[tags] if isinstance(tags, str) else (tags or []),
-        )
-        with open(os.path.join(output_dir, hub.CARD_NAME), "w", encoding="utf-8") as handle:
-            handle.write(card)
-        return resolution
+        def render(output_dir: str, resolution: hub.LicenseResolution) -> str:
+            prefix = sample_url_prefix
+            if not prefix and self.args.push_to_hub and self.hub_model_id:
+                prefix = hub.resolve_url_prefix(self.hub_model_id, self.args.hub_revision)
+            hub.write_policy_samples(self, output_dir, "after")
+            if self.args.plot_training_curves and self.state.log_history:
+                self.write_training_curves(output_dir)
+            return hub.render_policy_card(
+                self, layout or self._card_layout(), resolution,
+                repo_id=repo_id or self.args.hub_model_id, output_dir=output_dir, dataset_name=dataset_name,
+                sample_url_prefix=prefix, tags=[tags] if isinstance(tags, str) else (tags or []),
+            )
+
+        return self._write_card(output_dir, license, render)
 
     def _prepare_push(self, revision: str | None, options: dict) -> tuple[dict[str, str], hub.LicenseResolution]:
         """For ``push_to_hub``: a LoRA policy goes up as ``args.push_lora`` says (``push_lora=`` overrides it):

@@ -496,18 +496,13 @@ class AudioRewardTrainer(HubPublishingMixin, CrashSafeCheckpointsMixin, Trainer)
     ) -> hub.LicenseResolution | None:
         """Write the reward-model card (``hub_cards/reward_card.md.jinja``) to ``output_dir/README.md``; returns the
         licence resolution. Extra ``Trainer.create_model_card`` arguments (``language``, ``tasks``...) are ignored."""
-        if not self.is_world_process_zero():
-            return None
-        output_dir = output_dir or self.args.output_dir
-        os.makedirs(output_dir, exist_ok=True)
-        resolution = self.license_resolution(license or self.args.hub_license)
-        card = hub.render_reward_card(
-            self, resolution, repo_id=repo_id or self.hub_model_id or self.args.hub_model_id, output_dir=output_dir,
-            dataset_name=dataset_name,
+        return self._write_card(
+            output_dir, license,
+            lambda output_dir, resolution: hub.render_reward_card(
+                self, resolution, repo_id=repo_id or self.hub_model_id or self.args.hub_model_id,
+                output_dir=output_dir, dataset_name=dataset_name,
+            ),
         )
-        with open(os.path.join(output_dir, hub.CARD_NAME), "w", encoding="utf-8") as handle:
-            handle.write(card)
-        return resolution
 
     def _prepare_push(self, revision: str | None, options: dict[str, Any]) -> tuple[dict[str, str], Any]:
         """For ``push_to_hub``: the reward model, its feature extractor/processor and card (``dataset_name=`` or
