@@ -1,6 +1,7 @@
 """Publishing to the Hugging Face Hub: model cards, licences, audio samples and safe uploads.
 
-``MusicPPOTrainer.push_to_hub()`` and ``AudioRewardTrainer.push_to_hub()`` are built from the pieces here:
+``push_to_hub()`` of ``MusicPPOTrainer``, ``MusicDPOTrainer`` and ``AudioRewardTrainer`` is built from the pieces here
+(through :mod:`musicrl_trl.trainers.publishing`):
 
 * **Where a model came from** (:func:`model_source`): the Hub id or the path the user gave, captured when the
   trainer is built (a model object only remembers ``name_or_path``, and a temporary folder may be gone later).
@@ -11,13 +12,19 @@
   :class:`NonCommercialLicenseWarning` at push time.
 * **Audio samples** (:func:`write_policy_samples`): the same few prompts, sampled with a fixed seed before training
   (:class:`BeforeTrainingSamplesCallback`) and at every card, uploaded as WAV files and embedded with audio tags.
-* **Cards** (:func:`render_policy_card`, :func:`render_reward_card`): Jinja templates in ``musicrl_trl/hub_cards``.
+* **Cards** (:func:`render_policy_card`, :func:`render_dpo_card`, :func:`render_reward_card`): Jinja templates in
+  ``musicrl_trl/hub_cards``.
 * **Uploads** (:func:`upload_files`): an explicit list of files, safetensors / JSON / text / WAV / PNG only, so
   pickles (``training_args.bin``, optimizer states) never leave the machine. ``create_commit`` skips files whose
   content the Hub already has, so a second push of an unchanged model uploads nothing and makes no commit.
 
 Tokens are passed to ``huggingface_hub`` only; nothing here prints or stores them (the reproduce command in a card
 masks every ``*token*`` argument).
+
+Why this room is over ~600 lines: the five pieces above are one pipeline that three trainers (PPO, DPO, reward)
+share, and the card renderers read the licence, sample and upload helpers directly. The natural split, when the
+next card arrives, is licences (``model_source``, ``find_license``, ``resolve_license``) into a room of their own
+and one renderer per trainer beside its template; until then a reader finds every published file's origin here.
 """
 
 from __future__ import annotations
