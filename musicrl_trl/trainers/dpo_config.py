@@ -172,12 +172,9 @@ class MusicDPOConfig(TrainingArguments):
                 f"label_smoothing={self.label_smoothing} has no meaning for loss_type={self.loss_type!r}: use "
                 "loss_type='sigmoid' (cDPO) or 'robust' (rDPO), or set label_smoothing=0."
             )
-        if self.guidance_scale < 1:
-            raise ValueError(f"guidance_scale must be >= 1 (1 disables guidance), got {self.guidance_scale}.")
-        if self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}.")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0 (0 keeps the whole codebook), got {self.top_k}.")
+        from ..rollout import SamplingConfig
+
+        SamplingConfig(self.guidance_scale, self.temperature, self.top_k)  # refuses values it cannot sample with
         for name in ("max_completion_length", "response_length", "precompute_ref_batch_size"):
             value = getattr(self, name)
             if value is not None and value < 1:

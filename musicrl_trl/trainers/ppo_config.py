@@ -512,12 +512,9 @@ class MusicPPOConfig(TrainingArguments):
             )
         if self.audio_duration_s is not None and self.audio_duration_s <= 0:
             raise ValueError(f"audio_duration_s must be > 0 seconds, got {self.audio_duration_s}.")
-        if self.guidance_scale < 1:
-            raise ValueError(f"guidance_scale must be >= 1 (1 disables guidance), got {self.guidance_scale}.")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0 (0 keeps the whole codebook), got {self.top_k}.")
-        if self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}.")
+        from ..rollout import SamplingConfig
+
+        SamplingConfig(self.guidance_scale, self.temperature, self.top_k)  # refuses values it cannot sample with
         # Out-of-range sizes used to fail deep in the batch arithmetic (ZeroDivisionError) or, for a negative
         # total_episodes, to run no update and save the untouched model as if it had trained.
         if self.total_episodes is not None and self.total_episodes < 1:
