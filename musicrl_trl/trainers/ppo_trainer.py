@@ -449,8 +449,8 @@ class MusicPPOTrainer(PolicyPublishingMixin, CrashSafeCheckpointsMixin, OnlineMu
         if accelerator.num_processes > 1:
             kept_samples = accelerator.reduce(kept_samples.reshape(1), reduction="sum")
         max_norm = args.max_grad_norm if args.max_grad_norm else float("inf")
-        parameters = [p for p in self.model.parameters() if p.requires_grad]
-        grad_norm = accelerator.clip_grad_norm_(parameters, max_norm)  # all-reduced gradients: equal on every rank
+        # Frozen parameters have no gradient and are skipped; the gradients are all-reduced: equal on every rank.
+        grad_norm = accelerator.clip_grad_norm_(self.model.parameters(), max_norm)
         if kept_samples.sum() == 0 or not torch.isfinite(grad_norm):
             reason = "no sample of the mini-batch has a finite reward" if kept_samples.sum() == 0 else (
                 f"the gradient norm is {grad_norm.item()}"
