@@ -99,7 +99,8 @@ class _PeakSampler:
     """Highest RssAnon seen by a thread reading /proc/self/status every 5 ms (Linux has no high-water mark for
     anonymous memory alone; a peak shorter than 5 ms can be missed)."""
 
-    def __init__(self):
+    def __init__(self, interval_s: float = 0.005):
+        self.interval_s = interval_s
         self.peak_kib = _rss_kib("RssAnon")
         self._running = True
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -108,7 +109,7 @@ class _PeakSampler:
     def _run(self):
         while self._running:
             self.peak_kib = max(self.peak_kib, _rss_kib("RssAnon"))
-            time.sleep(0.005)
+            time.sleep(self.interval_s)
 
     def stop(self) -> int:
         self._running = False

@@ -8,9 +8,11 @@ under the distribution it was drawn from. Its ``backend`` picks how: ``"generate
 (exactly what users get from ``model.generate`` and ``pipeline("text-to-audio")``) and records it step by step;
 ``"static"`` and ``"compiled"`` run :class:`musicrl_trl.sampler.StaticCacheSampler`, which samples the same
 distribution over a static KV cache in a fraction of the time (the default, :data:`DEFAULT_ROLLOUT_BACKEND`).
-:func:`decoder_logits` and :func:`teacher_forced_logprobs` recompute the same quantities with one forward pass, for
-the reference model and for training. Both go through :func:`musicrl_trl.codebooks.sampling_logits`, so they agree
-to float precision.
+:func:`decoder_logits` and :func:`teacher_forced_logprobs` recompute the same quantities with one forward pass. Both
+go through :func:`musicrl_trl.codebooks.sampling_logits`, so they agree to float precision. ``decoder_logits``
+materialises the whole clip's logits [B, K, S - 1, V] (the plain reference computation, kept for tests and small
+clips); training and evaluation go through :mod:`musicrl_trl.teacher_forcing`, which applies the LM heads a chunk of
+decoder steps at a time, as ``teacher_forced_logprobs`` does.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from transformers.modeling_outputs import BaseModelOutput
 
 from . import codebooks
 from .sampler import ROLLOUT_BACKENDS, EvalMode, static_cache_sampler
+from .teacher_forcing import DEFAULT_CHUNK_SIZE, decoder_states, step_statistics
 
 __all__ = [
     "SamplingConfig",
@@ -431,11 +434,16 @@ def teacher_forced_logprobs(
     grid: torch.Tensor,
     sampling: SamplingConfig,
     audio_channels: int = 1,
+    chunk_size: int | None = DEFAULT_CHUNK_SIZE,
 ) -> torch.Tensor:
-    """Log-probs [B, K, T] of the codes in ``grid`` under ``model``'s sampling distribution, by one forward pass.
+    """Log-probs [B, K, T] of the codes in ``grid`` under ``model``'s sampling distribution, by one forward pass of the
+    decoder trunk and its LM heads ``chunk_size`` decoder steps at a time (None: the whole clip; see
+    :mod:`musicrl_trl.teacher_forcing`).
 
     For a rollout from the same model this reproduces ``rollout.logprobs``.
     """
-    output = decoder_logits(model, prompt_ids, prompt_mask, grid, guided=sampling.guided)
-    log_dist = sampling_log_dist(output, sampling, audio_channels)
-    return codebooks.gather_logprobs(log_dist, codebooks.grid_to_codes(grid, audio_channels))
+    states = decoder_states(model, prompt_ids, prompt_mask, grid, guided=sampling.guided)
+    statistics = step_statistics(
+        states, grid, sampling, chunk_size=chunk_size, audio_channels=audio_channels
+    )
+    return codebooks.steps_to_codes(statistics.logprobs, audio_channels)

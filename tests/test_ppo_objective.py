@@ -11,6 +11,7 @@ from transformers import GenerationConfig, MusicgenForConditionalGeneration
 
 from musicrl_trl import codebooks
 from musicrl_trl.rollout import SamplingConfig, decoder_logits, generate_rollout, unwrap_musicgen
+from musicrl_trl.teacher_forcing import decoder_states
 from musicrl_trl.testing import tiny_musicgen
 from musicrl_trl.trainers import MusicPPOConfig, MusicPPOTrainer
 from musicrl_trl.trainers.base import masked_mean
@@ -87,14 +88,15 @@ def test_kl_loss_gradient_is_the_exact_kl_gradient(tmp_path, guidance_scale):
     step_mask[1, -3:] = False  # a partly masked sample: the mean runs over valid steps only
 
     def trainer_kl_term():
-        """The loss-form KL term exactly as train() computes it."""
-        out = decoder_logits(policy, rollout.prompt_ids, rollout.prompt_mask, rollout.grid, guided=sampling.guided)
-        log_dist, logprobs = trainer._code_logprobs(out, rollout.codes)
+        """The loss-form KL term exactly as train() computes it: the training module's forward, with the anchor's
+        decoder states, LM heads in chunks of 3 decoder steps (a size that does not divide the 8 + 3 steps)."""
         with torch.no_grad():
-            ref_out = decoder_logits(anchor, rollout.prompt_ids, rollout.prompt_mask, rollout.grid, sampling.guided)
-            ref_log_dist, ref_logprobs = trainer._code_logprobs(ref_out, rollout.codes)
-        step_kl = trainer._step_kl(log_dist, ref_log_dist, logprobs, ref_logprobs)
-        return masked_mean(step_kl, step_mask)
+            ref_states = decoder_states(anchor, rollout.prompt_ids, rollout.prompt_mask, rollout.grid, sampling.guided)
+        statistics, _ = MusicPolicyAndValue(policy, None)(
+            rollout.prompt_ids, rollout.prompt_mask, rollout.grid, sampling, ref_states=ref_states,
+            kl_estimator=trainer.args.kl_estimator, chunk_size=3,
+        )
+        return masked_mean(statistics.kl.sum(1), step_mask)
 
     params = [policy.decoder.lm_heads[1].weight, policy.decoder.model.decoder.layers[0].fc1.weight]
     loss = trainer_kl_term()

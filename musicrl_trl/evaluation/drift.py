@@ -11,15 +11,8 @@ from typing import Any
 
 import torch
 
-from .. import codebooks
-from ..rollout import (
-    MusicRollout,
-    SamplingConfig,
-    decoder_logits,
-    sampling_log_dist,
-    tokenize_prompts,
-    unwrap_musicgen,
-)
+from ..rollout import MusicRollout, SamplingConfig, tokenize_prompts, unwrap_musicgen
+from ..teacher_forcing import DEFAULT_CHUNK_SIZE, decoder_states, step_statistics
 
 __all__ = ["entropy_per_codebook", "kl_per_clip"]
 
@@ -31,6 +24,7 @@ def kl_per_clip(
     rollout: MusicRollout,
     base_processor: Any = None,
     sampling: SamplingConfig | None = None,
+    chunk_size: int | None = DEFAULT_CHUNK_SIZE,
 ) -> torch.Tensor:
     """Exact KL(policy || base) in nats per clip, [B], for clips ``rollout`` sampled from ``policy``.
 
@@ -42,23 +36,24 @@ def kl_per_clip(
     KL is infinite as soon as the policy's top k codes differ from the base's (a code the policy may draw has
     probability 0 under the base). With ``top_k=0`` (MusicRL sampled from the whole codebook) nothing changes.
     ``base_processor`` re-tokenises the prompts for a base with another text tokenizer (default: the rollout's prompt
-    ids are used as they are).
+    ids are used as they are). The two models' distributions are compared ``chunk_size`` decoder steps at a time
+    (:mod:`musicrl_trl.teacher_forcing`; ``None``: the whole clip at once), so a 30 s clip needs no
+    [B, K, T, V] tensor.
     """
     sampling = dataclasses.replace(sampling or rollout.sampling, top_k=0)
-    audio_channels = rollout.audio_channels
-    policy_output = decoder_logits(policy, rollout.prompt_ids, rollout.prompt_mask, rollout.grid, sampling.guided)
-    log_dist = sampling_log_dist(policy_output, sampling, audio_channels)
-    del policy_output
+    policy_states = decoder_states(policy, rollout.prompt_ids, rollout.prompt_mask, rollout.grid, sampling.guided)
     prompt_ids, prompt_mask = rollout.prompt_ids, rollout.prompt_mask
     if base_processor is not None:
         prompt_ids, prompt_mask = tokenize_prompts(base_processor, rollout.prompts, unwrap_musicgen(base).device)
     base_device = unwrap_musicgen(base).device
-    base_output = decoder_logits(
+    base_states = decoder_states(
         base, prompt_ids.to(base_device), prompt_mask.to(base_device), rollout.grid.to(base_device), sampling.guided
     )
-    base_log_dist = sampling_log_dist(base_output, sampling, audio_channels).to(log_dist.device)
-    del base_output
-    return codebooks.full_kl(log_dist, base_log_dist).sum(dim=(1, 2))
+    statistics = step_statistics(
+        policy_states, rollout.grid, sampling, ref_states=base_states, chunk_size=chunk_size,
+        audio_channels=rollout.audio_channels,
+    )
+    return statistics.kl.sum(dim=(1, 2))
 
 
 def entropy_per_codebook(rollout: MusicRollout) -> torch.Tensor:

@@ -19,6 +19,10 @@ pretrained weights see the inputs they know. Column 0 (start tokens only) carrie
 pooling. ``pooling="last"`` takes the last column that holds a code (the only one that has seen every code);
 ``pooling="mean"`` averages all columns that hold a code.
 
+Long clips: with no LM heads, no [B, K, T, V] code distribution exists in its forward or backward (checked in
+tests/test_teacher_forcing.py), so there is nothing to chunk the way ``MusicPPOTrainer`` chunks its heads
+(``logits_chunk_size``); its memory per decoder step is the trunk's activations, [B, H] per layer.
+
 The class attribute ``scores_codes = True`` tells the reward wrappers (``PreferenceReward``) and
 ``AudioRewardTrainer`` to feed it ``codes`` instead of audio.
 """

@@ -169,6 +169,11 @@ class AdapterDisabledView(nn.Module):
     def get_base_model(self) -> nn.Module:
         return unwrap_musicgen(self.module)
 
+    def forward_context(self) -> contextlib.AbstractContextManager:
+        """Entered by code that calls the policy's submodules rather than its forward
+        (``teacher_forcing.decoder_states`` and the LM heads it applies chunk by chunk)."""
+        return self._null_ref_context()
+
     def forward(self, *args, **kwargs):
         with self._null_ref_context():
             return self.module(*args, **kwargs)

@@ -13,6 +13,8 @@ from typing import Literal
 
 from transformers import TrainingArguments
 
+from ..teacher_forcing import DEFAULT_CHUNK_SIZE
+
 #: TRL PPOConfig fields for text generation and TRL's own model loading, with TRL's defaults. MusicPPOTrainer reads
 #: none of them; they stay fields so that a recipe or flag that sets one gets an error naming it, not a silent no-op.
 UNUSED_TRL_PPO_FIELDS = {
@@ -90,6 +92,13 @@ class MusicPPOConfig(TrainingArguments):
             KV cache (same distribution, about 0.5x generate's time on CPU); `"compiled"` runs that loop's step
             through `torch.compile` (CUDA graphs on GPU): fastest once compiled, but each new shape or sampling
             setting compiles first (tens of seconds on CPU), so it pays off on GPUs and long runs.
+        logits_chunk_size (`int` or `None`, defaults to `32`): decoder steps whose code distributions exist at once
+            in the update (`musicrl_trl.teacher_forcing`). The LM heads, the sampling transform, the log-probs, the
+            exact KL to the anchor and the entropy run this many steps at a time, forward and backward (each chunk is
+            recomputed in the backward), and the anchor keeps its hidden states instead of its distributions, so the
+            update's memory no longer grows by ~11 fp32 [batch, codebooks, 2048] tensors per decoder step (MusicRL's
+            30 s clips are 1,500 steps). The loss and gradients are those of the unchunked computation to float
+            round-off. `None` computes the whole clip at once (the fastest for short clips if memory allows).
 
     `save_model` writes these into the saved ``generation_config.json`` (``do_sample``, ``guidance_scale``,
     ``temperature``, ``top_k`` and ``max_new_tokens = response_length``), so that ``generate`` and
@@ -354,6 +363,14 @@ class MusicPPOConfig(TrainingArguments):
         },
     )
 
+    logits_chunk_size: int | None = field(
+        default=DEFAULT_CHUNK_SIZE,
+        metadata={
+            "help": "Decoder steps whose code distributions are computed at once in the update (bounded memory for "
+            "long clips; same loss and gradients); None computes the whole clip at once."
+        },
+    )
+
     # Reward
     reward_weights: list[float] | None = field(
         default=None, metadata={"help": "Weight of each reward function (default: all 1)."}
@@ -512,6 +529,14 @@ class MusicPPOConfig(TrainingArguments):
             )
         if self.audio_duration_s is not None and self.audio_duration_s <= 0:
             raise ValueError(f"audio_duration_s must be > 0 seconds, got {self.audio_duration_s}.")
+        if self.logits_chunk_size is not None and (
+            isinstance(self.logits_chunk_size, bool) or not isinstance(self.logits_chunk_size, int)
+            or self.logits_chunk_size < 1
+        ):
+            raise ValueError(
+                f"logits_chunk_size must be a positive number of decoder steps (e.g. 32) or None (no chunking), got "
+                f"{self.logits_chunk_size!r}."
+            )
         from ..rollout import SamplingConfig
 
         SamplingConfig(self.guidance_scale, self.temperature, self.top_k)  # refuses values it cannot sample with

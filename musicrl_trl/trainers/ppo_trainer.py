@@ -9,14 +9,16 @@ One update, top to bottom (``train``, one named method per step, filling an :cla
      distribution (the old log-probs of the policy gradient);
   2. rewards (``_score``): every reward function scores the decoded audio (and/or codes); scores combine with
      ``reward_weights``; non-finite ones are an error or, with ``drop_nonfinite_rewards``, drop their rollout;
-  3. anchor (``_anchor_and_advantages``): the reference model's log-distribution over the whole codebook at every
-     step, for the exact KL;
+  3. anchor (``_anchor_and_advantages``): the reference model's decoder hidden states [B, A, H] over the rollouts,
+     for the exact KL over the whole codebook (its LM heads run per chunk of decoder steps in the update, so the
+     anchor's [B, K, A, V] distributions are never kept; :mod:`musicrl_trl.teacher_forcing`);
   4. advantages (``_advantages_and_returns``): the score at the last step (minus ``kl_coef * KL`` at every step with
      ``kl_penalty="reward"``), GAE(gamma, lam) against the value network (MusicRL: gamma = lam = 1, i.e. return minus
      baseline);
   5. update (``_ppo_update``): ``num_ppo_epochs`` passes over mini-batches, one optimizer step each (clipped to
      ``max_grad_norm``), of the loss in :mod:`.ppo_loss`: clipped policy gradient + value regression (+ ``kl_coef *
-     KL`` as an analytic loss term with ``kl_penalty="loss"``, MusicRL's objective);
+     KL`` as an analytic loss term with ``kl_penalty="loss"``, MusicRL's objective). The log-probs, KL and entropy
+     come from the training module's forward ``logits_chunk_size`` decoder steps at a time;
   6. metrics (``_update_metrics``), logged every ``logging_steps`` updates.
 In MusicRL's setting (one pass, one mini-batch) steps 4 and 5 share one forward: the values and the policy's KL
 before the update are read from the training forward itself (detached), so an update costs the rollout, the rewards,
@@ -61,12 +63,11 @@ from .. import codebooks, hub
 from ..rollout import (
     MusicRollout,
     SamplingConfig,
-    decoder_logits,
     generate_rollout,
     resolve_num_steps,
-    sampling_log_dist,
     unwrap_musicgen,
 )
+from ..teacher_forcing import DecoderStates, StepStatistics, decoder_states
 from .advantages import gae, group_advantages
 from .base import (
     AdapterDisabledView,
@@ -116,8 +117,7 @@ class UpdateBatch:
     sample_mask: torch.Tensor  # [B] bool, rollouts whose rewards are all finite
     step_mask: torch.Tensor  # [B, A] the same per step
     old_logprobs: torch.Tensor  # [B, A] log-probs of the taken steps under the sampling weights
-    ref_log_dist: torch.Tensor | None = None  # [B, K, T, V] the anchor's distributions (before any top-k cut)
-    ref_logprobs: torch.Tensor | None = None  # [B, K, T] the anchor's log-probs of the codes
+    ref_states: DecoderStates | None = None  # the anchor's decoder states [B, A, H]; its heads run per chunk
     kl: torch.Tensor | None = None  # [B, A] KL to the anchor per step, before the update
     values: torch.Tensor | None = None  # [B, A] V(s_t) before the update
     advantages: torch.Tensor | None = None  # [B, A]
@@ -182,10 +182,9 @@ class MusicPPOTrainer(PolicyPublishingMixin, CrashSafeCheckpointsMixin, OnlineMu
         resolve_num_steps(model, num_steps=args.response_length)  # fail now, not after loading everything
 
         self.sampling = SamplingConfig(args.guidance_scale, args.temperature, args.top_k)
-        # The KL compares the guided, tempered distributions before the top-k cut: once the policy's top k codes
-        # differ from the anchor's, the cut distributions give a code the policy may draw probability 0 under the
-        # anchor, and the exact KL (and its gradient, in the loss) is infinite. Ratios use the cut distribution.
-        self.kl_sampling = dataclasses.replace(self.sampling, top_k=0)
+        # The KL compares the guided, tempered distributions before the top-k cut (teacher_forcing.step_statistics):
+        # once the policy's top k codes differ from the anchor's, the cut distributions give a code the policy may
+        # draw probability 0 under the anchor, and the exact KL (and its gradient) is infinite. Ratios use the cut.
         self.loss_config = PPOLossConfig.from_args(args)
         self._check_precision(args)
         prepare_models_for_training(model, ref_model, peft_config, args.device, args.train_text_encoder)
@@ -366,27 +365,21 @@ class MusicPPOTrainer(PolicyPublishingMixin, CrashSafeCheckpointsMixin, OnlineMu
             total = total + weight * torch.nan_to_num(scores, nan=0.0, posinf=0.0, neginf=0.0)
         return total, per_reward, finite
 
-    def _code_logprobs(self, output, codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """From teacher-forced decoder outputs: the sampling distribution per code [B, K, T, V] and the
-        log-probs of ``codes`` [B, K, T]."""
-        log_dist = sampling_log_dist(output, self.sampling, self.audio_channels)
-        return log_dist, codebooks.gather_logprobs(log_dist, codes)
-
-    def _kl_log_dist(self, output, log_dist: torch.Tensor | None = None) -> torch.Tensor:
-        """The policy's distribution [B, K, T, V] that the KL compares with the anchor's: the sampling distribution
-        before any top-k cut. Without top-k that is ``log_dist`` (the sampling distribution), when already computed."""
-        if log_dist is not None and not self.sampling.top_k:
-            return log_dist
-        return sampling_log_dist(output, self.kl_sampling, self.audio_channels)
-
-    def _step_kl(self, log_dist, ref_log_dist, logprobs, ref_logprobs) -> torch.Tensor:
-        """KL(policy || anchor) per decoder step [B, A]: exact over the codebook ('full') or TRL's k1/k3."""
-        if self.args.kl_estimator == "full":
-            per_code = codebooks.full_kl(log_dist, ref_log_dist)
-        else:
-            log_ratio = ref_logprobs - logprobs
-            per_code = -log_ratio if self.args.kl_estimator == "k1" else log_ratio.exp() - 1 - log_ratio
-        return codebooks.codes_to_steps(per_code, self.audio_channels)
+    def _policy_statistics(
+        self, rollout: MusicRollout, rows, ref_states: DecoderStates, with_entropy: bool = False, unwrapped=False
+    ) -> tuple[StepStatistics, torch.Tensor | None]:
+        """The training module's forward over the rollouts ``rows`` of the current batch: the policy's per-step
+        statistics (log-probs under the sampling transform; with ``ref_states`` the KL to the anchor, differentiable
+        only as MusicRL's loss term; entropy) and the values. The LM heads run ``logits_chunk_size`` decoder steps at
+        a time (:mod:`musicrl_trl.teacher_forcing`). ``unwrapped``: without the DDP wrapper (passes that train
+        nothing)."""
+        args = self.args
+        module = self.accelerator.unwrap_model(self.model) if unwrapped else self.model
+        return module(
+            rollout.prompt_ids[rows], rollout.prompt_mask[rows], rollout.grid[rows], self.sampling,
+            ref_states=ref_states, kl_estimator=args.kl_estimator, differentiate_kl=args.kl_penalty == "loss",
+            with_entropy=with_entropy, chunk_size=args.logits_chunk_size, audio_channels=self.audio_channels,
+        )
 
     def anchor_module(self) -> nn.Module:
         """The KL anchor as a module: the separate reference model, or the LoRA policy seen with its adapter disabled
@@ -396,16 +389,13 @@ class MusicPPOTrainer(PolicyPublishingMixin, CrashSafeCheckpointsMixin, OnlineMu
         return AdapterDisabledView(self.accelerator.unwrap_model(self.model).policy, self.null_ref_context)
 
     @torch.no_grad()
-    def _anchor_log_dist(self, rollout: MusicRollout) -> torch.Tensor:
-        guided = self.sampling.guided
+    def _anchor_states(self, rollout: MusicRollout) -> DecoderStates:
+        """The anchor's decoder states over the rollouts, kept for the update instead of its distributions
+        ([B, A, H] against [B, K, A, V]): the KL applies its LM heads chunk by chunk."""
         with self.accelerator.autocast():  # the policy's precision (bf16/fp16), so that KL = 0 at the start
-            if self.ref_model is None:
-                with self.null_ref_context():
-                    policy = self.accelerator.unwrap_model(self.model).policy
-                    output = decoder_logits(policy, rollout.prompt_ids, rollout.prompt_mask, rollout.grid, guided)
-            else:
-                output = decoder_logits(self.ref_model, rollout.prompt_ids, rollout.prompt_mask, rollout.grid, guided)
-        return sampling_log_dist(output, self.kl_sampling, self.audio_channels)  # before any top-k cut; float32
+            return decoder_states(
+                self.anchor_module(), rollout.prompt_ids, rollout.prompt_mask, rollout.grid, self.sampling.guided
+            )
 
     def _advantages_and_returns(
         self, kl: torch.Tensor, scores: torch.Tensor, values: torch.Tensor | None, sample_mask: torch.Tensor
@@ -571,32 +561,22 @@ class MusicPPOTrainer(PolicyPublishingMixin, CrashSafeCheckpointsMixin, OnlineMu
 
     @torch.no_grad()
     def _anchor_and_advantages(self, batch: UpdateBatch) -> None:
-        """Steps 3 and 4: the anchor's distributions; with mixed precision the old log-probs again, in the training
+        """Steps 3 and 4: the anchor's decoder states; with mixed precision the old log-probs again, in the training
         forward's precision; and, when PPO needs them fixed over several passes, values, KL and advantages (in the
         single pass they come from the training forward itself, which computes them under the same weights)."""
         rollout = batch.rollout
-        batch.ref_log_dist = self._anchor_log_dist(rollout)  # [B, K, T, V]
-        batch.ref_logprobs = codebooks.gather_logprobs(batch.ref_log_dist, rollout.codes)  # [B, K, T]
+        batch.ref_states = self._anchor_states(rollout)
         mixed_precision = self.accelerator.mixed_precision != "no"
         if self._single_pass() and not mixed_precision:
             return
         # The training module's forward: under autocast with mixed precision.
-        output, values = self.accelerator.unwrap_model(self.model)(
-            rollout.prompt_ids, rollout.prompt_mask, rollout.grid, self.sampling.guided
-        )
+        statistics, values = self._policy_statistics(rollout, slice(None), batch.ref_states, unwrapped=True)
         if mixed_precision:
             # The rollout samples in float32; against bf16 log-probs the first ratio was off by up to 0.16 per step,
             # enough for PPO's clip to fire in MusicRL's single pass, where the ratio is 1 by definition.
-            batch.old_logprobs = codebooks.codes_to_steps(
-                self._code_logprobs(output, rollout.codes)[1], self.audio_channels
-            )
+            batch.old_logprobs = statistics.logprobs.sum(1)
         if not self._single_pass():
-            kl_log_dist = self._kl_log_dist(output)
-            kl = self._step_kl(
-                kl_log_dist, batch.ref_log_dist, codebooks.gather_logprobs(kl_log_dist, rollout.codes),
-                batch.ref_logprobs,
-            )
-            self._set_advantages(batch, kl, values)
+            self._set_advantages(batch, statistics.kl.sum(1), values)
 
     def _set_advantages(self, batch: UpdateBatch, kl: torch.Tensor, values: torch.Tensor) -> None:
         batch.kl, batch.values = kl, values
@@ -617,17 +597,11 @@ class MusicPPOTrainer(PolicyPublishingMixin, CrashSafeCheckpointsMixin, OnlineMu
                 for micro, mb in enumerate(micro_batches):
                     sync = micro == len(micro_batches) - 1  # DDP all-reduces the summed gradients once
                     with contextlib.nullcontext() if sync else accelerator.no_sync(model):
-                        mb_output, vpred = model(
-                            rollout.prompt_ids[mb], rollout.prompt_mask[mb], rollout.grid[mb], self.sampling.guided
-                        )
-                        mb_log_dist, mb_new_logprobs = self._code_logprobs(mb_output, rollout.codes[mb])
                         # The KL needs a gradient only as MusicRL's loss term (analytic, over the whole codebook).
-                        with torch.enable_grad() if args.kl_penalty == "loss" else torch.no_grad():
-                            mb_kl_log_dist = self._kl_log_dist(mb_output, mb_log_dist)
-                            mb_kl = self._step_kl(
-                                mb_kl_log_dist, batch.ref_log_dist[mb],
-                                codebooks.gather_logprobs(mb_kl_log_dist, rollout.codes[mb]), batch.ref_logprobs[mb],
-                            )
+                        mb_statistics, vpred = self._policy_statistics(
+                            rollout, mb, batch.ref_states.select(mb), with_entropy=True
+                        )
+                        mb_kl = mb_statistics.kl.sum(1)  # [b, A]
                         if single_pass:  # mb is the whole local batch, in some order
                             self._set_advantages(
                                 batch, torch.empty_like(mb_kl).index_copy_(0, mb, mb_kl.detach()),
@@ -635,7 +609,7 @@ class MusicPPOTrainer(PolicyPublishingMixin, CrashSafeCheckpointsMixin, OnlineMu
                             )
                         loss, mb_stats = ppo_loss(
                             PPOMicroBatch(
-                                logprobs=codebooks.codes_to_steps(mb_new_logprobs, self.audio_channels),
+                                logprobs=mb_statistics.logprobs.sum(1),
                                 old_logprobs=batch.old_logprobs[mb], advantages=batch.advantages[mb], kl=mb_kl,
                                 mask=batch.step_mask[mb], values=vpred,
                                 old_values=None if vpred is None else batch.values[mb],
@@ -646,11 +620,12 @@ class MusicPPOTrainer(PolicyPublishingMixin, CrashSafeCheckpointsMixin, OnlineMu
                         accelerator.backward(loss / len(micro_batches))
                     for name, value in mb_stats.items():
                         stats[name].append(value)
-                    stats["entropy"].append(codebooks.entropy(mb_log_dist.detach()).mean())
+                    # The mean over the clips' codes (pad cells hold 0).
+                    stats["entropy"].append(mb_statistics.entropy.sum() / (len(mb) * rollout.codes[0].numel()))
                     if epoch == 0 and mb_start == 0:
                         # On-policy check: before the first optimizer step the policy is the sampling policy.
                         stats["first_ratio_error"].append(mb_stats["ratio_max_error"])
-                    del mb_output, mb_log_dist, mb_kl_log_dist, mb_kl, loss
+                    del mb_statistics, mb_kl, loss
                 grad_norm = self._optimizer_step(kept_samples=batch.sample_mask[mini_batch].sum())
                 stats["skipped_steps"].append(torch.tensor(float(grad_norm is None), device=accelerator.device))
                 if grad_norm is not None:

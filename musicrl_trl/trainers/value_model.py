@@ -14,7 +14,8 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 from transformers import MusicgenForConditionalGeneration
 
 from ..quantization import is_quantized, prepare_quantized_model
-from ..rollout import decoder_logits, unwrap_musicgen
+from ..rollout import unwrap_musicgen
+from ..teacher_forcing import DecoderStates, StepStatistics, decoder_states, step_statistics
 
 __all__ = [
     "VALUE_WEIGHTS_NAME",
@@ -101,9 +102,8 @@ class MusicValueModel(nn.Module):
         """Values [B, A] at every decoder step, from the prompt and the grid [B, K, S]."""
         if self.backbone is None:
             hidden = policy_hidden_states
-        else:
-            output = decoder_logits(self.backbone, prompt_ids, prompt_mask, grid, output_hidden_states=True)
-            hidden = output.hidden_states
+        else:  # the trunk only: values never read code logits
+            hidden = decoder_states(self.backbone, prompt_ids, prompt_mask, grid).hidden
         return self.score(hidden.to(self.score.weight.dtype)).squeeze(-1)
 
 
@@ -150,13 +150,33 @@ class MusicPolicyAndValue(nn.Module):
         self.policy.gradient_checkpointing_disable()
         self.is_gradient_checkpointing = False
 
-    def forward(self, prompt_ids, prompt_mask, grid, guided: bool):
+    def forward(
+        self,
+        prompt_ids: torch.Tensor,
+        prompt_mask: torch.Tensor,
+        grid: torch.Tensor,
+        sampling,
+        ref_states: DecoderStates | None = None,
+        kl_estimator: str = "full",
+        differentiate_kl: bool = True,
+        with_entropy: bool = False,
+        chunk_size: int | None = None,
+        audio_channels: int = 1,
+    ) -> tuple[StepStatistics, torch.Tensor | None]:
+        """The policy's per-step statistics over ``grid`` (log-probs under ``sampling``, KL to ``ref_states``,
+        entropy; see :func:`musicrl_trl.teacher_forcing.step_statistics`) and the values [B, A] (None without a
+        value network). The LM heads run inside this forward, ``chunk_size`` decoder steps at a time, so that DDP,
+        DeepSpeed and FSDP see every parameter used in the module they wrap."""
+        states = decoder_states(self.policy, prompt_ids, prompt_mask, grid, guided=sampling.guided)
+        statistics = step_statistics(
+            states, grid, sampling, ref_states=ref_states, kl_estimator=kl_estimator,
+            differentiate_kl=differentiate_kl, with_entropy=with_entropy, chunk_size=chunk_size,
+            audio_channels=audio_channels,
+        )
         if self.value_model is None:
-            return decoder_logits(self.policy, prompt_ids, prompt_mask, grid, guided=guided), None
-        shared = self.value_model.shares_policy_backbone
-        output = decoder_logits(self.policy, prompt_ids, prompt_mask, grid, guided=guided, output_hidden_states=shared)
-        values = self.value_model(prompt_ids, prompt_mask, grid, policy_hidden_states=output.hidden_states)
+            return statistics, None
+        values = self.value_model(prompt_ids, prompt_mask, grid, policy_hidden_states=states.hidden)
         # Under bf16/fp16 autocast the values come out in half precision; the value loss is computed in float32
-        # (accelerate's convert_outputs_to_fp32 skips this dataclass). Logits need nothing: the sampling transform
-        # (codebooks.sampling_logits) computes in at least float32.
-        return output, values.float()
+        # (accelerate's convert_outputs_to_fp32 skips this dataclass). Log-probs need nothing: the sampling
+        # transform (codebooks.sampling_logits) computes in at least float32.
+        return statistics, values.float()
