@@ -5,6 +5,7 @@ Run by hand (not in CI). Every configuration trains in a fresh subprocess from t
     python benchmarks/bench_memory.py                          # musicgen-small's sizes (24-layer decoder)
     python benchmarks/bench_memory.py --depth-divisor 4        # a quarter of the layers: fits a small CPU box
     python benchmarks/bench_memory.py --batch-size 16 --response-length 503   # on a GPU: batch 16, 10 s clips
+    python benchmarks/bench_memory.py --depth-divisor 4 --fsdp-vs-ddp   # full fine-tune on 2 ranks: FSDP vs DDP
 
 Configurations (all with the default separate value network unless named otherwise):
   full             full fine-tuning of the decoder, with its frozen reference copy
@@ -178,6 +179,8 @@ def worker(settings: dict) -> dict:
         plot_training_curves=False,
         save_merged_lora=False,
         seed=0,
+        # FSDP version 2 over the ranks (the --fsdp-vs-ddp comparison): policy and value network sharded per layer.
+        **(dict(fsdp="full_shard auto_wrap", fsdp_config={"fsdp_version": 2}) if settings.get("fsdp") else {}),
     )
     peft_config = LoraConfig(r=16, lora_alpha=32, target_modules=LORA_TARGETS) if configuration["peft"] else None
     prompts = [f"an upbeat electronic track number {i}" for i in range(64)]
@@ -204,6 +207,10 @@ def worker(settings: dict) -> dict:
         "seconds_per_episode": seconds / trainer.state.episode,  # episodes of all processes together
         "episodes": trainer.state.episode,
     }
+    for phase in ("rollout", "gather", "update"):  # seconds per update (gather: FSDP's all-gather for the rollout)
+        seconds_logged = [log[f"timing/{phase}_s"] for log in trainer.state.log_history if f"timing/{phase}_s" in log]
+        if seconds_logged:
+            result[f"{phase}_s"] = sum(seconds_logged) / len(seconds_logged)
     if cuda:
         result["peak_bytes"] = torch.cuda.max_memory_allocated()
         result["measure"] = "torch.cuda.max_memory_allocated"
@@ -234,11 +241,19 @@ def run_worker(settings: dict, processes: int | None = None) -> dict:
             ]
             if settings["cpu"]:
                 env.update(ACCELERATE_USE_CPU="true", OMP_NUM_THREADS=str(settings["threads_per_process"]))
+                if settings.get("fsdp") is not None:
+                    # --fsdp-vs-ddp: glibc keeps freed heap pages below its (growing) mmap threshold, so RSS would
+                    # show memory FSDP has freed (the full weights before sharding); a fixed threshold returns them.
+                    env["MALLOC_MMAP_THRESHOLD_"] = str(128 * 1024)
         completed = subprocess.run(command, env=env, capture_output=True, text=True)
         if completed.returncode != 0:
             raise RuntimeError(f"{settings['configuration']} failed:\n{completed.stderr[-3000:]}")
-        with open(os.path.join(tmp, "rank0.json")) as f:
-            return json.load(f)
+        ranks = []
+        for rank in range(processes or 1):
+            with open(os.path.join(tmp, f"rank{rank}.json")) as f:
+                ranks.append(json.load(f))
+        # Per-rank peak: the highest over the ranks (rank 0 also writes the saved model and card).
+        return {**ranks[0], "peak_bytes": max(r["peak_bytes"] for r in ranks)}
 
 
 def main():
@@ -255,6 +270,10 @@ def main():
     parser.add_argument("--threads-per-process", type=int, default=1, help="CPU threads per process (1 vs 2 runs)")
     parser.add_argument("--configurations", nargs="+", default=list(CONFIGURATIONS), choices=list(CONFIGURATIONS))
     parser.add_argument("--skip-processes", action="store_true", help="skip the 1 vs 2 process timing")
+    parser.add_argument(
+        "--fsdp-vs-ddp", action="store_true",
+        help="only: the full configuration on 2 processes, DDP against FSDP (per-rank peak; goal FSDP <= 0.65 x DDP)",
+    )
     parser.add_argument("--output", default="bench_memory.json")
     args = parser.parse_args()
 
@@ -283,6 +302,19 @@ def main():
             threads_per_process=args.threads_per_process,
         )
         results = {}
+        if args.fsdp_vs_ddp:
+            for mode in ("ddp", "fsdp"):
+                results[mode] = run_worker({**settings, "configuration": "full", "fsdp": mode == "fsdp"}, processes=2)
+                print(
+                    f"full, 2 processes, {mode}: per-rank peak {results[mode]['peak_bytes'] / 2**30:7.3f} GiB  "
+                    f"{results[mode]['seconds_per_episode']:.3f} s/episode",
+                    flush=True,
+                )
+            ratio = results["fsdp"]["peak_bytes"] / results["ddp"]["peak_bytes"]
+            print(f"fsdp / ddp per-rank peak: {ratio:.3f} (goal <= 0.65: {'met' if ratio <= 0.65 else 'NOT met'})")
+            with open(args.output, "w") as f:
+                json.dump({"settings": vars(args), "results": results, "ratios": {"fsdp / ddp": ratio}}, f, indent=2)
+            return
         for name in args.configurations:
             results[name] = run_worker({**settings, "configuration": name})
             print(

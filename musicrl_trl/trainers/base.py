@@ -31,6 +31,7 @@ from transformers import Trainer, TrainerState
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 
 from ..rollout import unwrap_musicgen
+from . import fsdp
 
 __all__ = [
     "AdapterDisabledView",
@@ -241,6 +242,10 @@ class OnlineMusicTrainer(Trainer):
             )
         return copy.deepcopy(policy).requires_grad_(False).eval()
 
+    def create_accelerator_and_postprocess(self):
+        super().create_accelerator_and_postprocess()
+        fsdp.enable_fsdp_on_cpu_ranks(self)  # accelerate drops an FSDP plugin on CPU ranks without a word
+
     # ------------------------------------------------------------------ after Trainer.__init__
     def setup_online_training(
         self, policy: nn.Module, ref_model: nn.Module | None, reward_modules: nn.Module
@@ -263,11 +268,18 @@ class OnlineMusicTrainer(Trainer):
             stateful_callbacks=self.state.stateful_callbacks,
         )
         self.set_batch_sizes()
+        # Settings that would fail mid-run fail here (see .fsdp); FSDP's layer classes default to MusicGen's.
+        if self.is_fsdp_enabled:
+            fsdp.check_fsdp_setup(self, policy, ref_model)
+        elif self.is_deepspeed_enabled:
+            fsdp.check_deepspeed_setup(self)
 
         # The scheduler counts updates (one lr_scheduler.step() per rollout batch), not optimizer steps.
         self.create_optimizer_and_scheduler(num_training_steps=args.num_total_batches)
         self.callback_handler.optimizer, self.callback_handler.lr_scheduler = self.optimizer, self.lr_scheduler
         self.model, self.optimizer = accelerator.prepare(self.model, self.optimizer)
+        if self.is_fsdp_enabled:
+            fsdp.autocast_forward(self.model, accelerator)  # bf16 by autocast under FSDP too (see .fsdp)
         self.model_wrapped = self.model
         if self.is_deepspeed_enabled:
             self.deepspeed = self.model
@@ -291,6 +303,9 @@ class OnlineMusicTrainer(Trainer):
                 from trl.models.utils import prepare_deepspeed
 
                 self.ref_model = prepare_deepspeed(self.ref_model, accelerator)
+            elif self.is_fsdp_enabled:
+                # Its layers sharded, each gathered around its own forward; no optimizer state (see .fsdp).
+                self.ref_model = fsdp.shard_anchor(self.ref_model, accelerator)
             else:
                 self.ref_model = self.ref_model.to(accelerator.device)
             self.ref_model.eval().requires_grad_(False)

@@ -140,6 +140,9 @@ def checkpoint_problems(
         path = os.path.join(checkpoint_dir, name)
         if not os.path.isfile(path):
             problems.append(f"{name} is missing")
+        elif name.endswith(".metadata"):
+            # torch.distributed.checkpoint writes its .metadata last, once every rank's shards are written.
+            problems.append(None if os.path.getsize(path) else f"{name} is empty")
         elif name.endswith(".safetensors"):
             problems.append(_safetensors_problem(path))
         else:

@@ -57,7 +57,6 @@ from transformers import (
     TrainerCallback,
 )
 from transformers.trainer_callback import ProgressCallback
-from trl.models.utils import unwrap_model_for_generation
 
 from .. import codebooks, hub
 from ..rollout import (
@@ -68,6 +67,7 @@ from ..rollout import (
     unwrap_musicgen,
 )
 from ..teacher_forcing import DecoderStates, StepStatistics, decoder_states
+from . import fsdp
 from .advantages import gae, group_advantages
 from .base import (
     AdapterDisabledView,
@@ -234,8 +234,10 @@ class MusicPPOTrainer(PolicyPublishingMixin, CrashSafeCheckpointsMixin, OnlineMu
                 f"{args.num_generations}: every prompt's clips must stay together on one process."
             )
         self.value_model = value_model
-        # What a resume needs besides Trainer's files.
+        # What a resume needs besides Trainer's files (under FSDP: the sharded state, complete once .metadata exists).
         self.checkpoint_extra_files = (VALUE_WEIGHTS_NAME,) if value_model is not None else ()
+        if self.is_fsdp_enabled:
+            self.checkpoint_extra_files = (f"{fsdp.FSDP_STATE_DIR}/.metadata",)
         self.kl_coef = args.kl_coef  # adapted after every update with kl_target; saved in the trainer state
         if not args.disable_tqdm:
             self.remove_callback(ProgressCallback)
@@ -495,7 +497,8 @@ class MusicPPOTrainer(PolicyPublishingMixin, CrashSafeCheckpointsMixin, OnlineMu
             self.state.eval_steps = self._steps_from_ratio(args.eval_steps)
         if resume_from_checkpoint:
             self._resume(resume_from_checkpoint)
-        self.control = self.callback_handler.on_train_begin(args, self.state, self.control)
+        with fsdp.gathered_weights(self.model, part="policy"):  # the card's "before" samples (FSDP: all processes)
+            self.control = self.callback_handler.on_train_begin(args, self.state, self.control)
         start_time, pending_logs = time.time(), []  # metrics of the updates since the last log
         self.model.train()
 
@@ -503,7 +506,10 @@ class MusicPPOTrainer(PolicyPublishingMixin, CrashSafeCheckpointsMixin, OnlineMu
             self.state.episode += args.batch_size
             batch, timing = self._rollout_and_score(self._prompt_batch(update))
             tic = time.perf_counter()
-            self._anchor_and_advantages(batch)
+            # LoRA's anchor is the adapter-disabled policy, read through its submodules: under FSDP the policy is
+            # gathered for that pass (a separate anchor is whole on every device; without FSDP this is a no-op).
+            with fsdp.gathered_weights(self.model if self.ref_model is None else None, part="policy"):
+                self._anchor_and_advantages(batch)
             stats = self._ppo_update(batch, update)
             timing["update"] = time.perf_counter() - tic
             metrics = self._update_metrics(batch, stats, timing, start_time)
@@ -539,16 +545,18 @@ class MusicPPOTrainer(PolicyPublishingMixin, CrashSafeCheckpointsMixin, OnlineMu
         """Steps 1 and 2: sample rollouts for ``prompts`` and score them; seconds spent in each."""
         args, accelerator = self.args, self.accelerator
         tic = time.perf_counter()
-        # TRL's unwrap gathers ZeRO-3-sharded weights for the length of the sampling loop.
-        with unwrap_model_for_generation(
-            self.model, accelerator, gather_deepspeed3_params=args.ds3_gather_for_generation
-        ) as unwrapped:
+        # The full weights for the length of the sampling loop: gathered FSDP units, or TRL's unwrap (which gathers
+        # ZeRO-3-sharded weights); freed after. The gather's own seconds are logged as timing/gather_s.
+        gather = {}
+        with fsdp.generation_weights(self.model, accelerator, args.ds3_gather_for_generation, gather) as unwrapped:
             rollout = generate_rollout(
                 unwrapped.policy, self.processing_class, prompts, num_steps=args.response_length,
                 sampling=self.sampling, max_prompt_length=args.max_prompt_length, backend=args.rollout_backend,
                 num_generations=args.num_generations,
             )
         timing = {"rollout": time.perf_counter() - tic}
+        if "gather_s" in gather:
+            timing["gather"] = gather["gather_s"]
         tic = time.perf_counter()
         scores, per_reward_scores, sample_mask = self._score(rollout)
         timing["rewards"] = time.perf_counter() - tic
@@ -723,7 +731,10 @@ class MusicPPOTrainer(PolicyPublishingMixin, CrashSafeCheckpointsMixin, OnlineMu
         num_codebooks = unwrap_musicgen(policy).decoder.num_codebooks
         sums.update({f"entropy_q{k}": 0.0 for k in range(num_codebooks)})
         cuda = [accelerator.device] if accelerator.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=cuda):
+        # Under FSDP, policy and anchor whole for the evaluation (sampling and teacher-forced passes call submodules).
+        gathered = contextlib.ExitStack()
+        gathered.enter_context(fsdp.gathered_weights(self.model, part="policy"))
+        with gathered, torch.random.fork_rng(devices=cuda):
             for index in range(accelerator.process_index, len(prompts), accelerator.num_processes):
                 torch.manual_seed(args.seed + index)
                 rollout = generate_rollout(
@@ -772,6 +783,9 @@ class MusicPPOTrainer(PolicyPublishingMixin, CrashSafeCheckpointsMixin, OnlineMu
         ``PeftModel.from_pretrained``, and (``save_merged_lora``) merged full weights to ``<output_dir>/merged``
         for ``MusicgenForConditionalGeneration.from_pretrained`` and ``pipeline("text-to-audio")``."""
         output_dir = output_dir or self.args.output_dir
+        if self.is_fsdp_enabled:
+            self._save_fsdp_policy(output_dir, _internal_call)
+            return
         wrapped, engine = self.model, self.deepspeed
         # Trainer.save_model saves self.model (self.deepspeed's state under DeepSpeed): the policy alone, not the
         # value network beside it (with whom it would also share T5's tied embeddings, which safetensors refuses).
@@ -790,6 +804,24 @@ class MusicPPOTrainer(PolicyPublishingMixin, CrashSafeCheckpointsMixin, OnlineMu
         self.trained_generation_config().save_pretrained(output_dir)
         if self.is_peft_model and self.args.save_merged_lora and not _internal_call:
             self._save_merged_policy(os.path.join(output_dir, "merged"))
+        if self.args.push_to_hub and not _internal_call:
+            self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
+
+    def _save_fsdp_policy(self, output_dir: str, _internal_call: bool) -> None:
+        """save_model under FSDP: every rank takes part in gathering the full weights; the main process writes them
+        with save_pretrained (safetensors), as Trainer._save does without FSDP."""
+        state = fsdp.full_state_dict(self.model, prefix="policy.")
+        if self.args.should_save:
+            wrapped = self.model
+            self.model = self.accelerator.unwrap_model(wrapped).policy  # Trainer._save saves self.model
+            try:
+                self._save(output_dir, state_dict=state)
+            finally:
+                self.model = wrapped
+            self.trained_generation_config().save_pretrained(output_dir)
+            if self.is_peft_model and self.args.save_merged_lora and not _internal_call:
+                self._save_merged_policy(os.path.join(output_dir, "merged"), state)
+        self.accelerator.wait_for_everyone()
         if self.args.push_to_hub and not _internal_call:
             self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
 
@@ -818,16 +850,28 @@ class MusicPPOTrainer(PolicyPublishingMixin, CrashSafeCheckpointsMixin, OnlineMu
         # Called inside the staged checkpoint folder, before it is renamed to checkpoint-N (see checkpointing.py).
         if self.args.should_save:
             value_model = self.accelerator.unwrap_model(self.model).value_model
-            if value_model is not None:  # none with a value-free baseline
+            # Under FSDP the value network's shards are in fsdp_state/ (see _save_optimizer_and_scheduler).
+            if value_model is not None and not self.is_fsdp_enabled:  # none with a value-free baseline
                 save_value_model(value_model, os.path.join(checkpoint_dir, VALUE_WEIGHTS_NAME))
             hub.copy_card_files(self.args.output_dir, checkpoint_dir)  # written by create_model_card above
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        if not self.is_fsdp_enabled:
+            return super()._save_optimizer_and_scheduler(output_dir)
+        # Sharded: every rank writes its shards of policy, value network and optimizer state (no full gather, no
+        # pickles); a resume on the same number of ranks reads them back exactly.
+        fsdp.save_sharded_training_state(self.model, self.optimizer, os.path.join(output_dir, fsdp.FSDP_STATE_DIR))
+        if self.args.should_save:
+            torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, "scheduler.pt"))
 
     def _resume(self, checkpoint: str | bool) -> None:
         """Restore policy, value model, optimizer, scheduler, RNG and trainer state from a checkpoint directory
         (``True``: the newest complete ``checkpoint-*`` in ``output_dir``; incomplete ones are skipped and logged)."""
         checkpoint = self._resolve_resume_checkpoint(checkpoint)
         unwrapped = self.accelerator.unwrap_model(self.model)
-        if self.is_peft_model:
+        if self.is_fsdp_enabled:
+            fsdp.load_sharded_training_state(self.model, self.optimizer, os.path.join(checkpoint, fsdp.FSDP_STATE_DIR))
+        elif self.is_peft_model:
             from peft import set_peft_model_state_dict
 
             adapter = load_file(os.path.join(checkpoint, "adapter_model.safetensors"))
@@ -843,12 +887,15 @@ class MusicPPOTrainer(PolicyPublishingMixin, CrashSafeCheckpointsMixin, OnlineMu
                     f"checkpoint {checkpoint} does not match the policy (missing {missing[:3]}, unexpected "
                     f"{unexpected[:3]}); resume with the model the run started from."
                 )
-        if unwrapped.value_model is not None:
-            load_value_model(unwrapped.value_model, os.path.join(checkpoint, VALUE_WEIGHTS_NAME))
-        # Trainer._load_optimizer_and_scheduler needs Trainer state PPOTrainer never sets; the files are the same.
-        # weights_only=True: tensors and plain containers only, no arbitrary pickles.
-        optimizer_state = torch.load(os.path.join(checkpoint, "optimizer.pt"), map_location="cpu", weights_only=True)
-        self.optimizer.load_state_dict(optimizer_state)
+        if not self.is_fsdp_enabled:
+            if unwrapped.value_model is not None:
+                load_value_model(unwrapped.value_model, os.path.join(checkpoint, VALUE_WEIGHTS_NAME))
+            # Trainer._load_optimizer_and_scheduler needs Trainer state PPOTrainer never sets; the files are the
+            # same. weights_only=True: tensors and plain containers only, no arbitrary pickles.
+            optimizer_state = torch.load(
+                os.path.join(checkpoint, "optimizer.pt"), map_location="cpu", weights_only=True
+            )
+            self.optimizer.load_state_dict(optimizer_state)
         self.lr_scheduler.load_state_dict(torch.load(os.path.join(checkpoint, "scheduler.pt"), weights_only=True))
         self._load_rng_state(checkpoint)
         saved = OnlineTrainerState.load_from_json(os.path.join(checkpoint, "trainer_state.json"))

@@ -23,6 +23,8 @@ from typing import Any
 import numpy as np
 
 from .. import hub
+from ..rollout import unwrap_musicgen
+from . import fsdp
 from .value_model import VALUE_WEIGHTS_NAME
 
 __all__ = ["HubPublishingMixin", "PolicyPublishingMixin"]
@@ -196,7 +198,11 @@ class PolicyPublishingMixin(HubPublishingMixin):
                 sample_url_prefix=prefix, tags=[tags] if isinstance(tags, str) else (tags or []),
             )
 
-        return self._write_card(output_dir, license, render)
+        # The card's samples sample the policy on the main process: under FSDP every process takes part in
+        # gathering the weights first (a no-op otherwise). Call it on every process there, as _save_checkpoint and
+        # push_to_hub do.
+        with fsdp.gathered_weights(self.model, part="policy"):
+            return self._write_card(output_dir, license, render)
 
     def _prepare_push(self, revision: str | None, options: dict) -> tuple[dict[str, str], hub.LicenseResolution]:
         """For ``push_to_hub``: a LoRA policy goes up as ``args.push_lora`` says (``push_lora=`` overrides it):
@@ -243,9 +249,20 @@ class PolicyPublishingMixin(HubPublishingMixin):
                 weights.update(adapter)
         return {**weights, **card_files}
 
-    def _save_merged_policy(self, directory: str) -> None:
-        """The LoRA policy merged into its base weights, with the processor: a plain MusicGen checkpoint."""
-        policy = copy.deepcopy(self.accelerator.unwrap_model(self.model).policy).merge_and_unload()
+    def _save_merged_policy(self, directory: str, full_state: dict | None = None) -> None:
+        """The LoRA policy merged into its base weights, with the processor: a plain MusicGen checkpoint.
+        ``full_state``: the policy's full state dict, when its weights are sharded (FSDP): merged in a fresh copy."""
+        policy = self.accelerator.unwrap_model(self.model).policy
+        if full_state is not None:
+            from peft import get_peft_model
+
+            base = unwrap_musicgen(policy)
+            fresh = get_peft_model(type(base)(base.config), copy.deepcopy(policy.peft_config[policy.active_adapter]))
+            fresh.load_state_dict(full_state)
+            policy = fresh
+        else:
+            policy = copy.deepcopy(policy)
+        policy = policy.merge_and_unload()
         policy.generation_config = self.trained_generation_config()
         policy.save_pretrained(directory)
         self.processing_class.save_pretrained(directory)
