@@ -72,17 +72,31 @@ class DecoderStates:
         uncond = None if self.uncond_hidden is None else self.uncond_hidden.to(device)
         return dataclasses.replace(self, hidden=self.hidden.to(device), uncond_hidden=uncond)
 
+    def stacked_head_weights(self) -> torch.Tensor | None:
+        """The K heads' weights as one [K * V, H] matrix, when the heads are plain bias-free ``nn.Linear`` layers
+        (MusicGen's) whose weights are materialised: one matrix product per chunk instead of K products and a stack
+        (a copy of the chunk's logits). None for anything else (LoRA'd or quantized heads, ZeRO-3-partitioned
+        weights), which goes through the modules."""
+        heads = list(self.lm_heads)
+        plain = all(type(head) is nn.Linear and head.bias is None for head in heads)
+        if not plain or any(hasattr(head.weight, "ds_id") for head in heads):  # ds_id: a DeepSpeed ZeRO-3 parameter
+            return None
+        return torch.cat([head.weight for head in heads])
+
     def step_logits(
-        self, hidden: torch.Tensor, uncond_hidden: torch.Tensor | None
+        self, hidden: torch.Tensor, uncond_hidden: torch.Tensor | None, head_weights: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Logits [B, K, n, V] (and the null condition's) of hidden states [B, n, H], exactly as MusicGen stacks its
-        heads."""
+        """Logits [B, n, K, V] (and the null condition's) of hidden states [B, n, H], as MusicGen's heads compute them
+        (``head_weights``: :meth:`stacked_head_weights`, or None to call the head modules)."""
+        num_codebooks = len(self.lm_heads)
+
+        def logits(states):
+            if head_weights is not None:
+                return nn.functional.linear(states, head_weights).unflatten(-1, (num_codebooks, -1))
+            return torch.stack([head(states) for head in self.lm_heads], dim=2)
+
         with self.context():
-            cond = torch.stack([head(hidden) for head in self.lm_heads], dim=1)
-            uncond = None
-            if uncond_hidden is not None:
-                uncond = torch.stack([head(uncond_hidden) for head in self.lm_heads], dim=1)
-        return cond, uncond
+            return logits(hidden), None if uncond_hidden is None else logits(uncond_hidden)
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -241,8 +255,10 @@ class _CodeStatistics(torch.autograd.Function):
 def _chunk_statistics(
     hidden: torch.Tensor,
     uncond_hidden: torch.Tensor | None,
+    head_weights: torch.Tensor | None,
     ref_hidden: torch.Tensor | None,
     ref_uncond_hidden: torch.Tensor | None,
+    ref_head_weights: torch.Tensor | None,
     targets: torch.Tensor,
     valid: torch.Tensor,
     *,
@@ -253,19 +269,40 @@ def _chunk_statistics(
     differentiate_kl: bool,
     with_entropy: bool,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """The numbers of one chunk of n decoder steps: [B, K, n] each. A pure function of its tensor arguments (as
-    ``checkpoint`` needs to recompute it)."""
-    cond, uncond = states.step_logits(hidden, uncond_hidden)
+    """The numbers of one chunk of n decoder steps: [B, n, K] each (``targets`` and ``valid`` in that layout too). A
+    pure function of its tensor arguments (as ``checkpoint`` needs to recompute it)."""
+    cond, uncond = states.step_logits(hidden, uncond_hidden, head_weights)
     ref_log_dist = None
     if ref_states is not None:
         with torch.no_grad():  # the reference's distribution before any top-k cut, in the current autocast
-            ref_cond, ref_uncond = ref_states.step_logits(ref_hidden, ref_uncond_hidden)
+            ref_cond, ref_uncond = ref_states.step_logits(ref_hidden, ref_uncond_hidden, ref_head_weights)
             ref_log_dist = codebooks.sampling_logprobs(
                 ref_cond, ref_uncond, sampling.guidance_scale, sampling.temperature
             ).to(cond.device)
+    # The entropy is a detached statistic: a checkpointed chunk's recomputation (for its backward) skips it.
+    with_entropy = with_entropy and not _recomputing.active
     return _CodeStatistics.apply(
         cond, uncond, ref_log_dist, targets, valid, sampling, kl_estimator, differentiate_kl, with_entropy
     )
+
+
+class _Recomputing(contextlib.ContextDecorator):
+    """Set while ``checkpoint`` recomputes a chunk for its backward (its ``context_fn``'s second context)."""
+
+    active = False
+
+    def __enter__(self):
+        type(self).active = True
+
+    def __exit__(self, *exc):
+        type(self).active = False
+
+
+_recomputing = _Recomputing()
+
+
+def _checkpoint_contexts():
+    return contextlib.nullcontext(), _Recomputing()
 
 
 def step_statistics(
@@ -302,34 +339,49 @@ def step_statistics(
         raise ValueError("the decoder states were computed with guided != sampling.guided; pass guided=sampling.guided")
     num_codebooks, length = grid.shape[1:]
     steps = length - 1
-    targets = grid[:, :, 1:]  # step j predicts column j + 1
-    valid = codebooks.code_mask(num_codebooks, length, audio_channels, grid.device)[None, :, 1:]  # [1, K, A]
+    # Computed in the layout the heads produce, [B, steps, K, V]; the results go back to [B, K, steps] at the end.
+    targets = grid[:, :, 1:].transpose(1, 2)  # step j predicts column j + 1
+    valid = codebooks.code_mask(num_codebooks, length, audio_channels, grid.device)[None, :, 1:].transpose(1, 2)
     options = dict(
         states=states, ref_states=ref_states, sampling=sampling, kl_estimator=kl_estimator,
         differentiate_kl=differentiate_kl, with_entropy=with_entropy,
     )
+    size = steps if chunk_size is None else chunk_size
+    # One split per tensor (not one slice per chunk): its backward assembles the chunks' gradients in one copy.
+    head_weights = states.stacked_head_weights()
+    ref_head_weights = None
+    if ref_states is not None:
+        with torch.no_grad():
+            ref_head_weights = ref_states.stacked_head_weights()
 
-    def chunk(start: int, stop: int, checkpointed: bool):
-        def rows(tensor):
-            return None if tensor is None else tensor[:, start:stop]
+    def split(tensor):
+        return [None] * len(range(0, steps, size)) if tensor is None else tensor.split(size, dim=1)
 
+    columns = zip(
+        split(states.hidden), split(states.uncond_hidden),
+        split(None if ref_states is None else ref_states.hidden),
+        split(None if ref_states is None else ref_states.uncond_hidden),
+        targets.split(size, dim=1), valid.split(size, dim=1),
+    )
+    # Checkpoint only chunked, and only when something will be differentiated (without autograd a chunk keeps
+    # nothing anyway).
+    checkpointed = chunk_size is not None and torch.is_grad_enabled() and states.hidden.requires_grad
+    parts = []
+    for hidden, uncond_hidden, ref_hidden, ref_uncond_hidden, chunk_targets, chunk_valid in columns:
         args = (
-            rows(states.hidden), rows(states.uncond_hidden),
-            None if ref_states is None else rows(ref_states.hidden),
-            None if ref_states is None else rows(ref_states.uncond_hidden),
-            targets[:, :, start:stop], valid[:, :, start:stop],
+            hidden, uncond_hidden, head_weights, ref_hidden, ref_uncond_hidden, ref_head_weights, chunk_targets,
+            chunk_valid,
         )
         if checkpointed:
-            return checkpoint(_chunk_statistics, *args, use_reentrant=False, preserve_rng_state=False, **options)
-        return _chunk_statistics(*args, **options)
-
-    if chunk_size is None:
-        logprobs, kl, entropy = chunk(0, steps, checkpointed=False)
-        return StepStatistics(logprobs=logprobs, kl=kl, entropy=entropy)
-    # Checkpoint only when something will be differentiated; without autograd a chunk keeps nothing anyway.
-    checkpointed = torch.is_grad_enabled() and states.hidden.requires_grad
-    parts = [chunk(start, min(start + chunk_size, steps), checkpointed) for start in range(0, steps, chunk_size)]
+            parts.append(
+                checkpoint(
+                    _chunk_statistics, *args, use_reentrant=False, preserve_rng_state=False,
+                    context_fn=_checkpoint_contexts, **options,
+                )
+            )
+        else:
+            parts.append(_chunk_statistics(*args, **options))
     logprobs, kl, entropy = (
-        None if part[0] is None else torch.cat(part, dim=2) for part in zip(*parts)
+        None if part[0] is None else torch.cat(part, dim=1).transpose(1, 2) for part in zip(*parts)
     )
     return StepStatistics(logprobs=logprobs, kl=kl, entropy=entropy)
