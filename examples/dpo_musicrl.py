@@ -15,6 +15,9 @@ the decoder of a real MusicGen:
         --beta 0.1 --learning_rate 5e-6 --per_device_train_batch_size 4 --num_train_epochs 3 \
         --guidance_scale 3 --output_dir musicgen-small-dpo
 
+QLoRA: add `--load_in_4bit` (or `--load_in_8bit`) to `--use_peft`; only the decoder's transformer layers are quantized,
+and the reference is the quantized policy with its adapter disabled.
+
 `--dataset_name` is a folder written by `musicrl-app export` (or any `save_to_disk` folder) or a Hub dataset id, with
 `prompt` and either `chosen` / `rejected` audio or `chosen_codes` / `rejected_codes`; ties are skipped. `--loss_type
 ipo` (or hinge, robust), `--precompute_ref_log_probs` and every TrainingArguments flag work as in TRL's DPO scripts.
@@ -37,6 +40,7 @@ from trl import ModelConfig, TrlParser, get_peft_config
 
 from musicrl_trl import MusicDPOConfig, MusicDPOTrainer, SamplingConfig, generate_rollout
 from musicrl_trl.app.export import AUDIO_CELL, CODE_FEATURES, FEATURES
+from musicrl_trl.quantization import musicgen_quantization_config, prepare_quantized_model
 from musicrl_trl.testing import tiny_musicgen
 
 DEMO_PROMPTS = [
@@ -142,11 +146,25 @@ def main() -> None:
             train_dataset = load_pairs(script_args)
         except (OSError, ValueError) as error:
             sys.exit(f"error: cannot load --dataset_name {script_args.dataset_name}: {error}")
+    # --load_in_4bit / --load_in_8bit (QLoRA, with --use_peft) quantize the decoder layers only, as in
+    # examples/ppo_musicrl.py (TRL's get_quantization_config would quantize the text encoder too); without this the
+    # flags were parsed and silently ignored.
+    try:
+        quantization = musicgen_quantization_config(
+            model_args.load_in_4bit, model_args.load_in_8bit, model_args.dtype, model_args.bnb_4bit_quant_type,
+            model_args.use_bnb_nested_quant,
+        )  # fmt: skip
+    except ValueError as error:
+        sys.exit(f"error: {error}")
     if model_args.model_name_or_path is None:
-        model, processor = tiny_musicgen(seed=training_args.seed)
+        model, processor = tiny_musicgen(seed=training_args.seed, quantization_config=quantization)
     else:
-        model = MusicgenForConditionalGeneration.from_pretrained(model_args.model_name_or_path)
+        model = MusicgenForConditionalGeneration.from_pretrained(model_args.model_name_or_path,
+                                                                 quantization_config=quantization)  # fmt: skip
         processor = MusicgenProcessor.from_pretrained(model_args.model_name_or_path)
+    # Before the demo samples with a 4-bit model: on AVX512-BF16 CPUs bitsandbytes repacks weights at the first no-grad
+    # forward into a layout without autograd (and fails on the tiny model's widths); a no-op for unquantized models.
+    prepare_quantized_model(model)
     if train_dataset is None:  # the demo's votes, on the policy's own clips
         train_dataset = scripted_votes(model, processor, script_args, training_args.seed)
     training_args.hub_dataset_name = training_args.hub_dataset_name or script_args.dataset_name  # for the card

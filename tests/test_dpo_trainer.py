@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from musicrl_trl import MusicDPOConfig, MusicDPOTrainer, SamplingConfig, generate_rollout
 from musicrl_trl.app.export import AUDIO_CELL, FEATURES
 from musicrl_trl.audio import encode
-from musicrl_trl.rollout import teacher_forced_logprobs, tokenize_prompts
+from musicrl_trl.rollout import teacher_forced_logprobs, tokenize_prompts, unwrap_musicgen
 from musicrl_trl.testing import tiny_musicgen
 from musicrl_trl.trainers.dpo_loss import dpo_loss, sequence_logprobs
 
@@ -354,6 +354,49 @@ def test_lora_reference_is_the_adapter_disabled_policy_without_a_copy(tiny, tmp_
     torch.testing.assert_close(trainer.reference_logps(batch), expected)
 
 
+def test_qlora_policy_trains_only_adapters_against_its_quantized_base(tiny, tmp_path):
+    """QLoRA on CPU (bitsandbytes 4-bit, as tests/test_quantization.py runs it): the reference is the quantized
+    policy with its adapter disabled, no copy; only adapters move, and the reference's log-probs stay put."""
+    from peft import LoraConfig
+
+    from musicrl_trl.quantization import is_quantized, musicgen_quantization_config
+
+    model, processor = tiny
+    pairs, _ = code_pairs(model, processor, pairs=4)
+    quantized, _ = tiny_musicgen(quantization_config=musicgen_quantization_config(load_in_4bit=True))
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "fc1"])
+    trainer = MusicDPOTrainer(quantized, args=config(tmp_path), train_dataset=pairs, processing_class=processor,
+                              peft_config=lora)  # fmt: skip
+    policy = trainer.accelerator.unwrap_model(trainer.model)
+    assert trainer.ref_model is None and is_quantized(policy)
+    trainable = {name: p.detach().clone() for name, p in policy.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in name for name in trainable)
+    batch = trainer._prepare_inputs(trainer.data_collator([trainer.train_dataset[i] for i in range(4)]))
+    reference = trainer.reference_logps(batch)
+    trainer.train()
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert len(losses) == 2 and losses[0] == pytest.approx(math.log(2), abs=1e-5) and losses[1] < losses[0]
+    unchanged = [name for name, p in policy.named_parameters() if p.requires_grad and torch.equal(trainable[name], p)]
+    assert not unchanged, unchanged[:5]
+    torch.testing.assert_close(trainer.reference_logps(batch), reference)
+
+
+def test_activation_checkpointing_trains_exactly_as_without(tiny, tmp_path):
+    """``activation_checkpointing=True`` (``gradient_checkpointing`` before transformers 5.25; Trainer turns it on in
+    the decoder) recomputes the same forward: dropout is zeroed, so the losses of two steps are the same numbers."""
+    model, processor = tiny
+    pairs, _ = code_pairs(model, processor, pairs=4)
+    losses = {}
+    for checkpointing in (False, True):
+        trainer = MusicDPOTrainer(fresh_model(), args=config(tmp_path / str(checkpointing),
+                                                             activation_checkpointing=checkpointing),
+                                  train_dataset=pairs, processing_class=processor)  # fmt: skip
+        trainer.train()
+        assert unwrap_musicgen(trainer.model).decoder.is_gradient_checkpointing == checkpointing
+        losses[checkpointing] = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert losses[True] == pytest.approx(losses[False], rel=1e-6)
+
+
 def test_precomputed_reference_needs_no_copy_and_matches(tiny, tmp_path):
     model, processor = tiny
     pairs, _ = code_pairs(model, processor, pairs=4)
@@ -456,6 +499,38 @@ def test_example_script_reports_a_missing_dataset_in_one_line(tmp_path, monkeypa
     message = str(exit_info.value)
     assert message.startswith("error: cannot load --dataset_name") and "\n" not in message
     assert not (tmp_path / "out").exists()  # nothing written before the inputs were read
+
+
+def test_example_quantizes_the_decoder_with_load_in_4bit(tmp_path, monkeypatch):
+    """``--load_in_4bit --use_peft`` reaches the model (QLoRA), in process: the trainer is replaced by a stub that
+    records what it was given."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    from musicrl_trl.quantization import is_quantized
+
+    script = Path(__file__).resolve().parents[1] / "examples" / "dpo_musicrl.py"
+    spec = importlib.util.spec_from_file_location("dpo_musicrl_qlora", script)
+    example = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, example)  # dataclasses look their module up there
+    spec.loader.exec_module(example)
+    given = {}
+
+    class Stop(Exception):
+        pass
+
+    def stub(model, **kwargs):
+        given.update(model=model, **kwargs)
+        raise Stop
+
+    monkeypatch.setattr(example, "MusicDPOTrainer", stub)
+    argv = ["dpo_musicrl.py", "--load_in_4bit", "--use_peft", "--lora_target_modules", "q_proj", "v_proj",
+            "--demo_votes", "2", "--output_dir", str(tmp_path / "out"), "--report_to", "none"]  # fmt: skip
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(Stop):
+        example.main()
+    assert is_quantized(given["model"]) and given["peft_config"] is not None
 
 
 def test_example_pushes_a_lora_policy_with_a_dpo_card_and_no_pickles(tmp_path):
