@@ -70,6 +70,9 @@ def worker(settings: dict) -> dict:
         share_value_backbone=settings["lora"],  # LoRA: the value head reads the policy's trunk (no second decoder)
         baseline=settings["baseline"],
         num_generations=2 if settings["baseline"] != "value" else 1,
+        # Recomputes the decoder trunk's activations in the backward: what is left per decoder step once the code
+        # distributions are chunked (None, not False: transformers warns whenever the deprecated flag is not None).
+        gradient_checkpointing=True if settings.get("gradient_checkpointing") else None,
     )
     trainer = MusicPPOTrainer(
         config, processor, model, reward_model=loudness,
@@ -143,6 +146,7 @@ def main():
     parser.add_argument("--depth-divisor", type=int, default=1, help="fewer layers for --model small")
     parser.add_argument("--lora", action="store_true", help="LoRA r16 policy, value head on the policy's trunk")
     parser.add_argument("--bf16", action="store_true")
+    parser.add_argument("--gradient-checkpointing", action="store_true", help="recompute the trunk's activations")
     parser.add_argument("--baseline", default="value", choices=["value", "rloo", "group_mean"])
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--guidance-scale", type=float, default=3.0)
@@ -174,6 +178,7 @@ def main():
     for length in args.lengths:
         settings = dict(
             model=args.model, depth_divisor=args.depth_divisor, lora=args.lora, bf16=args.bf16,
+            gradient_checkpointing=args.gradient_checkpointing,
             baseline=args.baseline, batch_size=args.batch_size, guidance_scale=args.guidance_scale, length=length,
             chunk_sizes=chunk_sizes, repeats=args.repeats, default_malloc=args.default_malloc,
         )
