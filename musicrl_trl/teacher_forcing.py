@@ -280,14 +280,15 @@ def _chunk_statistics(
                 ref_cond, ref_uncond, sampling.guidance_scale, sampling.temperature
             ).to(cond.device)
     # The entropy is a detached statistic: a checkpointed chunk's recomputation (for its backward) skips it.
-    with_entropy = with_entropy and not _recomputing.active
+    with_entropy = with_entropy and not _Recomputing.active
     return _CodeStatistics.apply(
         cond, uncond, ref_log_dist, targets, valid, sampling, kl_estimator, differentiate_kl, with_entropy
     )
 
 
-class _Recomputing(contextlib.ContextDecorator):
-    """Set while ``checkpoint`` recomputes a chunk for its backward (its ``context_fn``'s second context)."""
+class _Recomputing:
+    """``active`` while ``checkpoint`` recomputes a chunk for its backward (its ``context_fn``'s second context; one
+    process-wide flag: chunks are recomputed one at a time by autograd's engine on the backward's thread)."""
 
     active = False
 
@@ -297,8 +298,6 @@ class _Recomputing(contextlib.ContextDecorator):
     def __exit__(self, *exc):
         type(self).active = False
 
-
-_recomputing = _Recomputing()
 
 
 def _checkpoint_contexts():
