@@ -9,15 +9,15 @@ the same weights' sizes:
     python benchmarks/bench_long_clips.py --model small --depth-divisor 6 --lora --lengths 100 500 1500
     python benchmarks/bench_long_clips.py --model small --lora --bf16 --batch-size 16 --lengths 1500   # on a GPU
 
-Time: the best of the repeats, wall clock and (on a shared CPU, where other processes make the wall clock noisy)
-the process's CPU time. Memory: on CUDA, ``torch.cuda.max_memory_allocated`` during the update minus the allocation before it; on CPU, the
-peak anonymous resident memory (RssAnon, sampled every 2 ms) during the update minus that before it. The worker runs
-with glibc's mmap threshold fixed at 128 KiB (``MALLOC_MMAP_THRESHOLD_``) so that every large tensor is mapped and
-returned to the system when freed: without it glibc raises the threshold after the first free and later tensors come
-from a heap that never shrinks, which hides the next phase's peak. Times on CPU are measured with
+Time: the best of the repeats, wall clock and (on a shared CPU, where other processes make the wall clock noisy) the
+process's CPU time. Memory: on CUDA, ``torch.cuda.max_memory_allocated`` during the update minus the allocation before
+it; on CPU, the peak anonymous resident memory (RssAnon, sampled every 2 ms) during the update minus that before it.
+The worker runs with glibc's mmap threshold fixed at 128 KiB (``MALLOC_MMAP_THRESHOLD_``) so that every large tensor is
+mapped and returned to the system when freed: without it glibc raises the threshold after the first free and later
+tensors come from a heap that never shrinks, which hides the next phase's peak. Times on CPU are measured with
 ``--default-malloc`` (glibc as users run it): mapping every tensor afresh adds page faults that weigh more on the
-unchunked update. The per-step slope is fitted by least squares over
-the lengths and reported in MB and in fp32 [B, K, V] tensors (the unit of the logits of one decoder step).
+chunked update's many smaller tensors. The per-step slope is fitted by least squares over the lengths and reported in
+MB and in fp32 [B, K, V] tensors (the unit of the logits of one decoder step).
 
 Models: ``tiny`` is :func:`musicrl_trl.testing.tiny_musicgen` (V 2048, K 4); ``small`` has musicgen-small's sizes
 (T5-base text encoder, 24 x 1024 decoder, 4 codebooks of 2048; random weights), with ``--depth-divisor`` times fewer

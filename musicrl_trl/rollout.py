@@ -124,7 +124,10 @@ class DecoderOutput:
 
 
 def unwrap_musicgen(model: torch.nn.Module) -> torch.nn.Module:
-    """The ``MusicgenForConditionalGeneration`` inside a peft wrapper (LoRA layers stay injected and active)."""
+    """The ``MusicgenForConditionalGeneration`` inside a DDP or DeepSpeed wrapper (``.module``) and/or a peft wrapper
+    (LoRA layers stay injected and active)."""
+    if hasattr(model, "module"):
+        model = model.module
     if hasattr(model, "get_base_model"):
         model = model.get_base_model()
     if not hasattr(model, "decoder") or not hasattr(model.decoder, "num_codebooks"):
@@ -391,7 +394,7 @@ def decoder_logits(
     Gradients flow unless the caller disables them. ``model`` may be peft- or DDP-wrapped.
     """
     # Under DeepSpeed, TRL hands the reference model over as an engine whose `.module` is the model.
-    musicgen = unwrap_musicgen(model.module if hasattr(model, "module") else model)
+    musicgen = unwrap_musicgen(model)
     batch, num_codebooks, length = grid.shape
     encoder_states = musicgen.text_encoder(input_ids=prompt_ids, attention_mask=prompt_mask).last_hidden_state
     decoder_input_ids = grid[:, :, :-1].reshape(batch * num_codebooks, length - 1)

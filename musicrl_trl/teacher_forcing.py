@@ -68,10 +68,6 @@ class DecoderStates:
         uncond = None if self.uncond_hidden is None else self.uncond_hidden[rows]
         return dataclasses.replace(self, hidden=self.hidden[rows], uncond_hidden=uncond)
 
-    def to(self, device: torch.device) -> DecoderStates:
-        uncond = None if self.uncond_hidden is None else self.uncond_hidden.to(device)
-        return dataclasses.replace(self, hidden=self.hidden.to(device), uncond_hidden=uncond)
-
     def stacked_head_weights(self) -> torch.Tensor | None:
         """The K heads' weights as one [K * V, H] matrix, when the heads are plain bias-free ``nn.Linear`` layers
         (MusicGen's) whose weights are materialised: one matrix product per chunk instead of K products and a stack
@@ -99,17 +95,6 @@ class DecoderStates:
             return logits(hidden), None if uncond_hidden is None else logits(uncond_hidden)
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    # DDP and DeepSpeed engines hold the model as `.module`; peft models expose `get_base_model` (LoRA stays active).
-    if hasattr(model, "module"):
-        model = model.module
-    if hasattr(model, "get_base_model"):
-        model = model.get_base_model()
-    if not hasattr(model, "decoder") or not hasattr(model.decoder, "num_codebooks"):
-        raise TypeError(f"expected a MusicgenForConditionalGeneration (optionally wrapped), got {type(model)}.")
-    return model
-
-
 def decoder_states(
     model: nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, grid: torch.Tensor, guided: bool = False
 ) -> DecoderStates:
@@ -121,8 +106,10 @@ def decoder_states(
     them. ``model`` may be peft-, DDP- or DeepSpeed-wrapped, or an adapter-disabled view (its ``forward_context`` is
     entered here and kept for the heads).
     """
+    from .rollout import unwrap_musicgen  # rollout imports this module
+
     context = getattr(model, "forward_context", contextlib.nullcontext)
-    musicgen = _unwrap(model)
+    musicgen = unwrap_musicgen(model)
     batch, num_codebooks, length = grid.shape
     decoder_input_ids = grid[:, :, :-1].reshape(batch * num_codebooks, length - 1)
     with context():
@@ -159,7 +146,7 @@ class StepStatistics:
     """Per-codebook, per-step numbers [B, K, A] of a teacher-forced pass (0 at pad cells). ``.sum(1)`` of any of
     them is the per-step value [B, A]."""
 
-    logprobs: torch.Tensor  # log-prob of each drawn code under the sampling distribution (guidance, temperature, top-k)
+    logprobs: torch.Tensor  # drawn code's log-prob under the sampling distribution (guidance, temperature, top-k)
     kl: torch.Tensor | None = None  # KL(model || reference) per code, before any top-k cut (with a reference)
     entropy: torch.Tensor | None = None  # entropy (nats) of the sampling distribution, detached (when asked for)
 
@@ -189,7 +176,9 @@ class _CodeStatistics(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, cond, uncond, ref_log_dist, targets, valid, sampling, kl_estimator, differentiate_kl, with_entropy):
+    def forward(
+        ctx, cond, uncond, ref_log_dist, targets, valid, sampling, kl_estimator, differentiate_kl, with_entropy
+    ):
         scale, temperature, top_k = sampling.guidance_scale, sampling.temperature, sampling.top_k
         log_dist = torch.log_softmax(codebooks.sampling_logits(cond, uncond, scale, temperature, top_k), dim=-1)
         # Pad cells hold the pad id V, outside the codebook: read any code there, the value is masked out.
@@ -236,7 +225,8 @@ class _CodeStatistics(torch.autograd.Function):
             kl_probs = kl_log_dist.exp()
             if kl_estimator == "full":
                 # Where p' = 0 the term is 0 (as in full_kl, which masks the log-ratio there).
-                grad_kl_dist = torch.where(kl_probs > 0, kl_probs * (kl_log_dist - ref_log_dist - kl.unsqueeze(-1)), 0.0)
+                log_ratio_excess = kl_log_dist - ref_log_dist - kl.unsqueeze(-1)
+                grad_kl_dist = torch.where(kl_probs > 0, kl_probs * log_ratio_excess, 0.0)
             else:
                 grad_kl_dist = onehot - kl_probs
                 if kl_estimator == "k3":
@@ -335,7 +325,7 @@ def step_statistics(
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive number of decoder steps or None, got {chunk_size}.")
     if (states.uncond_hidden is not None) != sampling.guided:
-        raise ValueError("the decoder states were computed with guided != sampling.guided; pass guided=sampling.guided")
+        raise ValueError("decoder states computed with guided != sampling.guided: pass guided=sampling.guided.")
     num_codebooks, length = grid.shape[1:]
     steps = length - 1
     # Computed in the layout the heads produce, [B, steps, K, V]; the results go back to [B, K, steps] at the end.

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from two_ranks import run_two_cpu_ranks
 
 from musicrl_trl.trainers.checkpointing import (
     checkpoint_problems,
@@ -377,14 +378,9 @@ def test_reward_trainer_failed_save_leaves_no_checkpoint_folder(tmp_path):
 @pytest.mark.parametrize("trainer_kind", ["ppo", "reward"])
 def test_two_processes_only_the_main_one_publishes_and_the_other_waits_for_the_rename(tmp_path, trainer_kind):
     output_dir = tmp_path / "run"
-    env = dict(os.environ, OMP_NUM_THREADS="1", TRL_EXPERIMENTAL_SILENCE="1", HF_HUB_OFFLINE="1")
-    env.update(ACCELERATE_USE_CPU="true", PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]))
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-        str(SCRIPT), str(output_dir), "--updates", "2", "--save-delay", "0.2", "--record-saves",
-    ] + (["--reward", "--load-best"] if trainer_kind == "reward" else [])  # fmt: skip
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    reward_args = ["--reward", "--load-best"] if trainer_kind == "reward" else []
+    run_two_cpu_ranks(SCRIPT, output_dir, "--updates", 2, "--save-delay", 0.2, "--record-saves", *reward_args,
+                      TRL_EXPERIMENTAL_SILENCE="1")  # fmt: skip
     for rank in (0, 1):
         seen = json.loads((output_dir / f"saves_seen_rank{rank}.json").read_text())
         # When _save_checkpoint returns on any rank, checkpoint-N is already there and complete.

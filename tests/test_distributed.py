@@ -7,12 +7,10 @@ The launch line is the one documented in examples/accelerate_configs/multi_cpu.y
 """
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from two_ranks import run_two_cpu_ranks
 
 ROOT = Path(__file__).resolve().parents[1]
 RECORDER = ROOT / "tests" / "scripts" / "record_ranks.py"
@@ -39,28 +37,7 @@ def launch_two_ranks(tmp_path):
         "--num_generations",
         "2",
     ]
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        str(RECORDER),
-        str(tmp_path),
-        str(tmp_path / "trainer"),
-        *map(str, example_args),
-    ]
-    env = {
-        **os.environ,
-        "ACCELERATE_USE_CPU": "true",
-        "OMP_NUM_THREADS": "1",
-        "HF_HUB_OFFLINE": "1",
-        "CUDA_VISIBLE_DEVICES": "",
-        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-    }
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, stdin=subprocess.DEVNULL)
-    assert result.returncode == 0, result.stderr[-4000:]
+    result = run_two_cpu_ranks(RECORDER, tmp_path, tmp_path / "trainer", *example_args)
     return tmp_path, result
 
 

@@ -564,17 +564,11 @@ def test_example_pushes_a_lora_policy_with_a_dpo_card_and_no_pickles(tmp_path):
 def test_two_cpu_processes_split_the_pairs_and_keep_identical_weights(tmp_path):
     """`ACCELERATE_USE_CPU=true torchrun --nproc_per_node 2` (two gloo ranks; see DESIGN.md on why not accelerate)."""
     import json
-    import subprocess
-    import sys
     from pathlib import Path
 
-    repo = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-           "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")])}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               str(repo / "tests" / "scripts" / "dpo_two_ranks.py"), str(tmp_path)]  # fmt: skip
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, stdin=subprocess.DEVNULL)
-    assert result.returncode == 0, result.stderr[-4000:]
+    from two_ranks import run_two_cpu_ranks
+
+    run_two_cpu_ranks(Path(__file__).parent / "scripts" / "dpo_two_ranks.py", tmp_path)
     ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
     assert [record["world"] for record in ranks] == [2, 2]
     assert not set(ranks[0]["seen"]) & set(ranks[1]["seen"])  # each pair on one rank only

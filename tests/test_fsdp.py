@@ -9,14 +9,13 @@ training only adapters.
 
 import json
 import os
-import subprocess
-import sys
 import types
 from pathlib import Path
 from unittest import mock
 
 import pytest
 import torch
+from two_ranks import run_two_cpu_ranks
 
 from musicrl_trl.trainers import fsdp
 
@@ -27,18 +26,7 @@ SCRIPT = ROOT / "tests" / "scripts" / "fsdp_ranks.py"
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
     out = tmp_path_factory.mktemp("fsdp")
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(SCRIPT),
-               str(out)]  # fmt: skip
-    env = {
-        **os.environ,
-        "ACCELERATE_USE_CPU": "true",
-        "OMP_NUM_THREADS": "1",
-        "HF_HUB_OFFLINE": "1",
-        "CUDA_VISIBLE_DEVICES": "",
-        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-    }
-    result = subprocess.run(command, capture_output=True, text=True, timeout=900, env=env, stdin=subprocess.DEVNULL)
-    assert result.returncode == 0, result.stderr[-4000:]
+    run_two_cpu_ranks(SCRIPT, out, timeout=900)
     return out, [json.loads((out / f"rank{rank}.json").read_text()) for rank in (0, 1)]
 
 

@@ -11,8 +11,8 @@ import torch
 
 from musicrl_trl import codebooks
 from musicrl_trl.rollout import SamplingConfig, decoder_logits, generate_rollout, sampling_log_dist
-from musicrl_trl.testing import tiny_musicgen
 from musicrl_trl.teacher_forcing import decoder_states, step_statistics
+from musicrl_trl.testing import tiny_musicgen
 from musicrl_trl.trainers.value_model import MusicPolicyAndValue
 
 PROMPTS = ["bright shimmering bells", "deep dark bass"]
@@ -65,7 +65,8 @@ def chunked_statistics(policy, anchor, rollout, sampling, kl_estimator, channels
         decoder_states(policy, *args), rollout.grid, sampling, ref_states=ref_states, kl_estimator=kl_estimator,
         with_entropy=True, chunk_size=chunk_size, audio_channels=channels,
     )
-    return tuple(codebooks.steps_to_codes(x, channels) for x in (statistics.logprobs, statistics.kl, statistics.entropy))
+    per_step = (statistics.logprobs, statistics.kl, statistics.entropy)
+    return tuple(codebooks.steps_to_codes(x, channels) for x in per_step)
 
 
 def gradients(policy, statistics, weights):
@@ -111,7 +112,9 @@ def test_kl_outside_the_graph_and_without_a_reference(models):
     states = decoder_states(policy, *args)
     with torch.no_grad():
         ref_states = decoder_states(anchor, *args)
-    shaped = step_statistics(states, rollout.grid, sampling, ref_states=ref_states, differentiate_kl=False, chunk_size=4)
+    shaped = step_statistics(
+        states, rollout.grid, sampling, ref_states=ref_states, differentiate_kl=False, chunk_size=4
+    )
     assert shaped.logprobs.requires_grad and not shaped.kl.requires_grad  # kl_penalty="reward": no graph for it
     plain = step_statistics(states, rollout.grid, sampling, chunk_size=4)
     assert plain.kl is None and plain.entropy is None

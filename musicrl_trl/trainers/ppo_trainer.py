@@ -58,7 +58,7 @@ from transformers import (
 )
 from transformers.trainer_callback import ProgressCallback
 
-from .. import codebooks, hub
+from .. import hub
 from ..rollout import (
     MusicRollout,
     SamplingConfig,

@@ -15,7 +15,7 @@ from transformers import MusicgenForConditionalGeneration
 
 from ..quantization import is_quantized, prepare_quantized_model
 from ..rollout import unwrap_musicgen
-from ..teacher_forcing import DecoderStates, StepStatistics, decoder_states, step_statistics
+from ..teacher_forcing import StepStatistics, decoder_states, step_statistics
 
 __all__ = [
     "VALUE_WEIGHTS_NAME",
@@ -151,28 +151,14 @@ class MusicPolicyAndValue(nn.Module):
         self.is_gradient_checkpointing = False
 
     def forward(
-        self,
-        prompt_ids: torch.Tensor,
-        prompt_mask: torch.Tensor,
-        grid: torch.Tensor,
-        sampling,
-        ref_states: DecoderStates | None = None,
-        kl_estimator: str = "full",
-        differentiate_kl: bool = True,
-        with_entropy: bool = False,
-        chunk_size: int | None = None,
-        audio_channels: int = 1,
+        self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, grid: torch.Tensor, sampling, **statistics_options
     ) -> tuple[StepStatistics, torch.Tensor | None]:
-        """The policy's per-step statistics over ``grid`` (log-probs under ``sampling``, KL to ``ref_states``,
-        entropy; see :func:`musicrl_trl.teacher_forcing.step_statistics`) and the values [B, A] (None without a
-        value network). The LM heads run inside this forward, ``chunk_size`` decoder steps at a time, so that DDP,
-        DeepSpeed and FSDP see every parameter used in the module they wrap."""
+        """The policy's per-step statistics over ``grid`` (:func:`musicrl_trl.teacher_forcing.step_statistics` with
+        ``sampling`` and ``statistics_options``: the reference's states, KL estimator, entropy, chunk size, ...) and
+        the values [B, A] (None without a value network). The LM heads run inside this forward, chunk by chunk, so
+        that DDP, DeepSpeed and FSDP see every parameter used in the module they wrap."""
         states = decoder_states(self.policy, prompt_ids, prompt_mask, grid, guided=sampling.guided)
-        statistics = step_statistics(
-            states, grid, sampling, ref_states=ref_states, kl_estimator=kl_estimator,
-            differentiate_kl=differentiate_kl, with_entropy=with_entropy, chunk_size=chunk_size,
-            audio_channels=audio_channels,
-        )
+        statistics = step_statistics(states, grid, sampling, **statistics_options)
         if self.value_model is None:
             return statistics, None
         values = self.value_model(prompt_ids, prompt_mask, grid, policy_hidden_states=states.hidden)
