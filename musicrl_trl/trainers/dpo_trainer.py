@@ -429,14 +429,7 @@ class MusicDPOTrainer(PolicyPublishingMixin, CrashSafeCheckpointsMixin, Trainer)
             hub.copy_card_files(self.args.output_dir, checkpoint_dir)
 
     # ------------------------------------------------------------------ publishing (see musicrl_trl.hub)
-    def license_resolution(self, override: str | None = None) -> hub.LicenseResolution:
-        """``override``, else the most restrictive licence of the base model and the reference (read once)."""
-        if self._hub_license_sources is None:
-            sources = [hub.find_license(self.hub_base_model, "base model")]
-            if self.hub_anchor_model != self.hub_base_model:
-                sources.append(hub.find_license(self.hub_anchor_model, "reference model"))
-            self._hub_license_sources = sources
-        return hub.resolve_license(self._hub_license_sources, override)
+    anchor_license_role = "reference model"  # PolicyPublishingMixin.license_resolution: base model and reference
 
     def create_model_card(
         self,

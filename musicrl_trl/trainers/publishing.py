@@ -155,6 +155,9 @@ class PolicyPublishingMixin(HubPublishingMixin):
                 peft_config.base_model_name_or_path = self.hub_base_model
         self.add_callback(hub.BeforeTrainingSamplesCallback(self))
 
+    # How the card names the model the policy is kept close to (DPO: "reference model").
+    anchor_license_role = "KL anchor"
+
     def license_resolution(self, override: str | None = None) -> hub.LicenseResolution:
         """The licence of the trained policy: ``override``, else the most restrictive among the base model, the
         anchor and every reward model (read from their cards; see :func:`musicrl_trl.hub.resolve_license`)."""
@@ -163,8 +166,9 @@ class PolicyPublishingMixin(HubPublishingMixin):
         if self._hub_license_sources is None:  # read once: every checkpoint writes a card
             sources = [hub.find_license(self.hub_base_model, "base model")]
             if self.hub_anchor_model != self.hub_base_model:
-                sources.append(hub.find_license(self.hub_anchor_model, "KL anchor"))
-            for name, reward in zip(self.reward_names, self.reward_funcs):
+                sources.append(hub.find_license(self.hub_anchor_model, self.anchor_license_role))
+            # A trainer without rewards (DPO) has none to list.
+            for name, reward in zip(getattr(self, "reward_names", ()), getattr(self, "reward_funcs", ())):
                 parts = reward.rewards.items() if isinstance(reward, RewardCombination) else [(name, reward)]
                 for part_name, part in parts:
                     sources.append(hub.reward_license(part, f"reward '{part_name}'"))
